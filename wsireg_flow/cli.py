@@ -1,0 +1,131 @@
+"""The ``wsireg-flow`` command line.
+
+Errors a user can fix (bad input, bad config) print one line on stderr naming the file and the
+problem and exit with status 2; unexpected errors print one line and exit 1. ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from wsireg_flow import __version__
+from wsireg_flow.config import Config, config_to_yaml, load_config
+from wsireg_flow.errors import WsiregError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config (see configs/).")
+    p.add_argument("--debug", action="store_true", help="Show tracebacks.")
+    p.add_argument("--quiet", action="store_true", help="No progress output.")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    if getattr(args, "pixel_size", None) is not None:
+        cfg.io.pixel_size_um = args.pixel_size
+    return cfg
+
+
+def _progress(args: argparse.Namespace):  # noqa: ANN202
+    from wsireg_flow.progress import StderrProgress
+
+    return None if args.quiet else StderrProgress()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from wsireg_flow.io.slide import open_slide
+
+    cfg = _config(args)
+    with open_slide(args.slide, cfg.io.pixel_size_um) as slide:
+        print(json.dumps(slide.describe(), indent=2))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from wsireg_flow.io.omezarr import ingest
+    from wsireg_flow.io.slide import open_slide
+
+    cfg = _config(args)
+    with open_slide(args.slide, cfg.io.pixel_size_um) as slide:
+        out = ingest(
+            slide,
+            args.out,
+            chunk=cfg.io.chunk,
+            max_side=cfg.io.pyramid_max_side,
+            codec=cfg.io.codec,
+            overwrite=args.overwrite,
+            progress=_progress(args),
+        )
+    print(out)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config_to_yaml(_config(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsireg-flow", description="Register whole-slide histology images."
+    )
+    parser.add_argument("--version", action="version", version=f"wsireg-flow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="Show a slide's levels, downsamples and pixel size.")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
+    _add_common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ingest", help="Write a slide as an OME-Zarr (NGFF 0.4) pyramid.")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="Output .zarr directory.")
+    p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    _add_common(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("config", help="Print the effective configuration as YAML.")
+    _add_common(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error, 1 failure)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except WsiregError as exc:
+        if args.debug:
+            raise
+        print(f"wsireg-flow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wsireg-flow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"wsireg-flow: error: {type(exc).__name__}: {first} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

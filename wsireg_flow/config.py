@@ -1,0 +1,177 @@
+"""Every tunable of wsireg-flow, with its default, in one validated pydantic model.
+
+``configs/default.yaml`` mirrors :class:`Config` exactly (a test keeps them in sync). A YAML
+file may set any subset; unknown keys and bad values are refused with a
+:class:`~wsireg_flow.errors.ConfigError` that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wsireg_flow.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class IOConfig(_Section):
+    """Reading slides and writing OME-Zarr pyramids."""
+
+    pixel_size_um: float | None = Field(
+        None, gt=0, description="Micrometres per level-0 pixel; overrides (or supplies) metadata."
+    )
+    chunk: int = Field(1024, ge=64, le=8192, description="Zarr chunk side (px) of (c, y, x) chunks.")
+    pyramid_max_side: int = Field(
+        1024, ge=64, description="Downsample by 2 until the longest side is at most this (px)."
+    )
+    codec: Literal["lz4", "zstd"] = Field("lz4", description="Blosc codec (bit-shuffled).")
+
+
+class TissueConfig(_Section):
+    """Tissue mask and stain-independent intensity image at low resolution."""
+
+    max_side: int = Field(1024, ge=128, description="Longest side (px) of the mask image.")
+    min_area_fraction: float = Field(
+        0.0005, ge=0, lt=1, description="Connected tissue pieces smaller than this share are dropped."
+    )
+    min_tissue_fraction: float = Field(
+        0.001, ge=0, lt=1, description="Below this tissue share an image counts as blank."
+    )
+
+
+class RigidConfig(_Section):
+    """Coarse alignment at a low-resolution level."""
+
+    max_side: int = Field(1024, ge=256, le=4096, description="Working level longest side (px).")
+    model: Literal["similarity", "affine"] = "affine"
+    detector: Literal["sift", "orb"] = "sift"
+    n_features: int = Field(5000, ge=100)
+    ratio: float = Field(0.8, gt=0, lt=1, description="Lowe's ratio test threshold.")
+    ransac_px: float = Field(
+        0.01, gt=0, lt=0.2, description="RANSAC inlier threshold as a fraction of the image diagonal."
+    )
+    rotation_step_deg: float = Field(
+        15.0, gt=0, le=90, description="Step of the rotation search used when features fail."
+    )
+    try_flip: bool = Field(True, description="Also test a horizontally mirrored source.")
+    min_inliers: int = Field(12, ge=4)
+    scale_min: float = Field(0.5, gt=0)
+    scale_max: float = Field(2.0, gt=0)
+    max_shear: float = Field(0.15, ge=0, description="Largest accepted |shear| of an affine.")
+    refine: Literal["ecc", "none"] = Field("ecc", description="Intensity-based refinement.")
+
+    @model_validator(mode="after")
+    def _scale_order(self) -> RigidConfig:
+        if self.scale_min >= self.scale_max:
+            raise ValueError("scale_min must be smaller than scale_max")
+        return self
+
+
+class NonrigidConfig(_Section):
+    """Tile-wise non-rigid registration, coarse to fine."""
+
+    level_max_sides: list[int] = Field(
+        default_factory=lambda: [1024, 2048],
+        min_length=1,
+        description="Working levels, coarse to fine, by longest side (px); each refines the last.",
+    )
+    tile: int = Field(512, ge=64, le=4096, description="Tile side (px) at the working level.")
+    overlap: int = Field(128, ge=0, description="Overlap (px) between neighbouring tiles.")
+    margin: int = Field(32, ge=0, description="Extra source crop margin (px) around a tile.")
+    method: Literal["dis", "farneback"] = "dis"
+    min_tile_tissue: float = Field(0.05, ge=0, le=1, description="Tiles with less tissue are skipped.")
+    min_confidence: float = Field(0.2, ge=0, le=1, description="Tiles below this keep the coarse map.")
+    max_displacement_frac: float = Field(
+        0.25, gt=0, le=1, description="Largest residual displacement as a fraction of the tile side."
+    )
+    smooth_sigma: float = Field(
+        4.0, ge=0, description="Gaussian sigma (px, working level) applied to the stitched field."
+    )
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> NonrigidConfig:
+        if self.overlap * 2 >= self.tile:
+            raise ValueError("overlap must be less than half the tile size")
+        if sorted(self.level_max_sides) != list(self.level_max_sides):
+            raise ValueError("level_max_sides must go coarse to fine (increasing)")
+        return self
+
+
+class DaskConfig(_Section):
+    """Where tile work runs."""
+
+    scheduler: str = Field(
+        "threads",
+        description="'threads', 'local' (a LocalCluster sized to the machine) or a scheduler address.",
+    )
+    n_workers: int | None = Field(None, ge=1, description="LocalCluster workers (None: cores).")
+    memory_limit: str = Field("4GB", description="Per-worker memory limit of a LocalCluster.")
+
+
+class Config(_Section):
+    """All settings of a run."""
+
+    io: IOConfig = Field(default_factory=IOConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    rigid: RigidConfig = Field(default_factory=RigidConfig)
+    nonrigid: NonrigidConfig = Field(default_factory=NonrigidConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            parts.append(f"'{key}': {err['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def config_from_dict(data: dict[str, Any], source: str | os.PathLike[str] | None = None) -> Config:
+    """Validate a nested dict into a :class:`Config` (unknown keys refused)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_format_errors(exc)}", source) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load a YAML config (safe loader); ``None`` gives the defaults.
+
+    Raises
+    ------
+    ConfigError
+        Missing or unreadable file, YAML syntax error, non-mapping document, unknown key or bad
+        value; the message names the file and the dotted key.
+    """
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config file not found", p)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"not valid YAML ({first})", p) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}", p)
+    return config_from_dict(data, p)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The config as YAML text (every key, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,383 @@
+"""Open whole-slide images lazily, level by level.
+
+Supported inputs
+----------------
+* Tiled TIFF family through tifffile: Aperio SVS, Hamamatsu NDPI, OME-TIFF, generic tiled or
+  pyramidal TIFF. Pixels are read through tifffile's Zarr store, so only the tiles that a read
+  touches are decoded.
+* OME-Zarr (NGFF 0.4) pyramids written by :func:`wsireg_flow.io.omezarr.write_ngff_pyramid`.
+* Small plain images (JPEG, PNG, and anything else imagecodecs decodes): read into memory.
+
+Conventions
+-----------
+Every level is exposed as an array of shape (y, x, c) with ``c`` in {1, 3, 4} (grayscale gets a
+channel axis of 1). ``downsamples[k]`` is level-0 pixels per level-k pixel along x and y.
+The physical pixel size is in micrometres per level-0 pixel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from wsireg_flow.errors import InputError
+
+TIFF_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".scn")
+PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jp2")
+_AUX_SERIES = ("label", "macro", "thumbnail", "overview", "map")
+
+
+@dataclass
+class Slide:
+    """A whole-slide image opened lazily.
+
+    Attributes
+    ----------
+    path : Path
+        The file (or OME-Zarr directory) that was opened.
+    levels : list of array-like
+        One array per pyramid level, each indexable as ``[y0:y1, x0:x1, :]`` and shaped
+        (y, x, c). Level 0 is full resolution.
+    pixel_size_um : float or None
+        Micrometres per level-0 pixel (x and y assumed equal), or None when unknown.
+    kind : str
+        ``"svs"``, ``"ndpi"``, ``"ome-tiff"``, ``"tiff"``, ``"ome-zarr"`` or ``"plain"``.
+    series_name : str
+        The name of the image series that was chosen (e.g. ``"Baseline"``).
+    """
+
+    path: Path
+    levels: list[Any]
+    pixel_size_um: float | None
+    kind: str
+    series_name: str = ""
+    _handles: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(y, x, c) shape of every level."""
+        return [tuple(int(s) for s in lev.shape) for lev in self.levels]  # type: ignore[misc]
+
+    @property
+    def downsamples(self) -> list[float]:
+        """Level-0 pixels per level-k pixel, from the ratio of widths and heights."""
+        h0, w0 = self.shapes[0][:2]
+        return [float(np.mean([h0 / s[0], w0 / s[1]])) for s in self.shapes]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.levels[0].dtype)
+
+    @property
+    def channels(self) -> int:
+        return self.shapes[0][2]
+
+    def level_pixel_size_um(self, level: int) -> float | None:
+        """Micrometres per pixel at ``level`` (None when the slide's pixel size is unknown)."""
+        if self.pixel_size_um is None:
+            return None
+        return self.pixel_size_um * self.downsamples[level]
+
+    def dask_level(self, level: int, chunks: int = 1024) -> da.Array:
+        """Level ``level`` as a lazy dask array of shape (y, x, c), chunked ``chunks`` px.
+
+        Only valid in the process that opened the slide (tifffile stores are not picklable):
+        distributed work reads the ingested OME-Zarr instead.
+        """
+        arr = self.levels[level]
+        return da.from_array(arr, chunks=(chunks, chunks, arr.shape[2]), lock=False)
+
+    def read_region(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Read pixels [y0:y1, x0:x1] of ``level`` (clipped to the level) as (y, x, c)."""
+        arr = self.levels[level]
+        h, w = arr.shape[:2]
+        y0, y1 = max(0, y0), min(h, y1)
+        x0, x1 = max(0, x0), min(w, x1)
+        try:
+            return np.asarray(arr[y0:y1, x0:x1, :])
+        except Exception as exc:  # decoder errors on corrupt tiles
+            raise InputError(
+                f"cannot decode pixels ({type(exc).__name__}: {exc})", self.path
+            ) from exc
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary: kind, series, level shapes (y, x, c), downsamples, pixel size."""
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "series": self.series_name,
+            "dtype": str(self.dtype),
+            "levels": [list(s) for s in self.shapes],
+            "downsamples": [round(d, 4) for d in self.downsamples],
+            "pixel_size_um": self.pixel_size_um,
+        }
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_slide(path: str | os.PathLike[str], pixel_size_um: float | None = None) -> Slide:
+    """Open a slide lazily.
+
+    Parameters
+    ----------
+    path : path-like
+        SVS, NDPI, (OME-)TIFF, OME-Zarr directory, or a plain JPEG/PNG image.
+    pixel_size_um : float, optional
+        Micrometres per level-0 pixel. When given it overrides the file's metadata; when the
+        file has none it is the only source.
+
+    Raises
+    ------
+    InputError
+        The path is missing, empty, truncated or not an image; the message names the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found", p)
+    if p.is_dir():
+        if (p / ".zattrs").exists() or (p / "zarr.json").exists():
+            from wsireg_flow.io.omezarr import open_ngff
+
+            slide = open_ngff(p)
+        else:
+            raise InputError("is a directory, not a slide or an OME-Zarr pyramid", p)
+    else:
+        if p.stat().st_size == 0:
+            raise InputError("file is empty", p)
+        slide = _open_file(p)
+    if pixel_size_um is not None:
+        if not (pixel_size_um > 0 and np.isfinite(pixel_size_um)):
+            raise InputError(f"pixel size must be a positive number, got {pixel_size_um}", p)
+        slide.pixel_size_um = float(pixel_size_um)
+    return slide
+
+
+def _open_file(p: Path) -> Slide:
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] in (b"II", b"MM") and magic[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+"):
+        return _open_tiff(p)
+    return _open_plain(p)
+
+
+def _open_tiff(p: Path) -> Slide:
+    import tifffile
+    import zarr
+
+    with _capture_log("tifffile") as warnings:
+        try:
+            tf = tifffile.TiffFile(p)
+            all_series = list(tf.series)
+        except Exception as exc:
+            raise InputError(f"not a readable TIFF ({_first_line(exc)})", p) from exc
+    try:
+        broken = [w for w in warnings if "offset" in w or "truncat" in w]
+        if broken:
+            raise InputError(f"file is truncated or corrupt ({broken[0]})", p)
+        for s in all_series:
+            _check_not_truncated(s, p)
+        index = choose_main_series([(s.name, s.shape, s.axes) for s in all_series])
+        series = all_series[index]
+        group = zarr.open(tf.aszarr(series=index), mode="r")
+        raw = (
+            [group]
+            if hasattr(group, "shape")
+            else [group[str(k)] for k in range(len(series.levels))]
+        )
+        levels = [_YXCView(a, series.levels[k].axes) for k, a in enumerate(raw)]
+        kind = "ome-tiff" if tf.is_ome else "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "tiff"
+        mpp = tiff_pixel_size_um(tf)
+    except InputError:
+        tf.close()
+        raise
+    except Exception as exc:
+        tf.close()
+        raise InputError(f"unsupported or corrupt TIFF ({_first_line(exc)})", p) from exc
+    return Slide(p, levels, mpp, kind, series.name or "", [tf])
+
+
+def choose_main_series(series: Sequence[tuple[str, tuple[int, ...], str]]) -> int:
+    """Index of the main image series among (name, shape, axes) descriptions.
+
+    Label, macro, thumbnail and overview images are skipped; of the rest the one with the
+    largest y*x area wins (ties: the first).
+    """
+    best, best_area = -1, -1
+    for i, (name, shape, axes) in enumerate(series):
+        if any(word in (name or "").lower() for word in _AUX_SERIES):
+            continue
+        dims = dict(zip(axes, shape, strict=False))
+        area = int(dims.get("Y", 0)) * int(dims.get("X", 0))
+        if area > best_area:
+            best, best_area = i, area
+    if best < 0:
+        raise ValueError("no image series besides label/macro/thumbnail images")
+    return best
+
+
+def _check_not_truncated(series: Any, p: Path) -> None:
+    """Refuse files whose tile/strip data lie past the end of the file."""
+    size = p.stat().st_size
+    for level in series.levels:
+        for page in level.pages:
+            if page is None or not hasattr(page, "dataoffsets"):
+                continue
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+            if ends and max(ends) > size:
+                raise InputError(
+                    f"file is truncated: image data end at byte {max(ends)} but the file has {size}",
+                    p,
+                )
+
+
+_MPP_RE = re.compile(r"\bMPP\s*=\s*([0-9.eE+-]+)")
+
+
+def tiff_pixel_size_um(tf: Any) -> float | None:
+    """Micrometres per level-0 pixel from Aperio, OME or TIFF resolution metadata, or None."""
+    page = tf.pages[0]
+    desc = page.description or ""
+    if tf.is_svs:
+        m = _MPP_RE.search(desc)
+        if m:
+            return _positive(m.group(1))
+    if tf.is_ome and tf.ome_metadata:
+        v = _ome_pixel_size_um(tf.ome_metadata)
+        if v:
+            return v
+    tags = page.tags
+    res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if res is not None and unit is not None:
+        num, den = res.value if isinstance(res.value, tuple) else (res.value, 1)
+        per_unit = num / den if den else 0
+        unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+        if per_unit > 0 and unit_um:
+            v = unit_um / per_unit
+            # 72/96 dpi are writer defaults, not a measurement
+            if 0.01 < v < 100:
+                return v
+    return None
+
+
+def _ome_pixel_size_um(xml: str) -> float | None:
+    m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
+    if not m:
+        return None
+    value = _positive(m.group(1))
+    u = re.search(r'PhysicalSizeXUnit="([^"]+)"', xml)
+    unit = u.group(1) if u else "µm"
+    factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+    if value is None or unit not in factor:
+        return None
+    return value * factor[unit]
+
+
+def _positive(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if v > 0 and np.isfinite(v) else None
+
+
+class _YXCView:
+    """Present a tifffile/zarr array with axes like 'YXS', 'CYX', 'YX', 'TCZYX' as (y, x, c)."""
+
+    def __init__(self, arr: Any, axes: str) -> None:
+        self._arr = arr
+        axes = axes.replace("S", "C")
+        if "Y" not in axes or "X" not in axes:
+            raise ValueError(f"image axes {axes!r} have no Y/X")
+        self._axes = axes
+        self._sizes = dict(zip(axes, arr.shape, strict=True))
+        for ax, n in self._sizes.items():
+            if ax not in "YXC" and n != 1:
+                raise ValueError(f"axis {ax!r} of length {n} is not supported (one plane only)")
+        c = self._sizes.get("C", 1)
+        self.shape = (self._sizes["Y"], self._sizes["X"], c)
+        self.dtype = arr.dtype
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        ys, xs, cs = key
+        index = []
+        for ax in self._axes:
+            index.append(ys if ax == "Y" else xs if ax == "X" else cs if ax == "C" else 0)
+        out = np.asarray(self._arr[tuple(index)])
+        kept = [ax for ax in self._axes if ax in "YXC"]
+        if "C" not in kept:
+            return out[..., None][:, :, cs]
+        return np.moveaxis(out, [kept.index("Y"), kept.index("X"), kept.index("C")], [0, 1, 2])
+
+
+def _open_plain(p: Path) -> Slide:
+    import imagecodecs
+
+    data = p.read_bytes()
+    if data[:2] == b"\xff\xd8":
+        decode, fmt = imagecodecs.jpeg8_decode, "JPEG"
+        # a JPEG stream ends with the EOI marker; decoders silently grey-fill truncated ones
+        if b"\xff\xd9" not in data[-64:]:
+            raise InputError("JPEG file is truncated (no end-of-image marker)", p)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        decode, fmt = imagecodecs.png_decode, "PNG"
+        if b"IEND" not in data[-32:]:
+            raise InputError("PNG file is truncated (no IEND chunk)", p)
+    else:
+        raise InputError("not a supported image (unrecognised file signature)", p)
+    try:
+        img = decode(data)
+    except Exception as exc:
+        raise InputError(f"cannot decode {fmt} ({_first_line(exc)})", p) from exc
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 2:
+        raise InputError(f"unsupported image shape {img.shape}", p)
+    return Slide(p, [img], None, "plain", "image")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@contextmanager
+def _capture_log(name: str) -> Iterator[list[str]]:
+    """Collect (and silence) a library logger's warnings while the block runs."""
+    logger = logging.getLogger(name)
+    records: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = _Collect(level=logging.WARNING)
+    propagate, level = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        logger.setLevel(level)

@@ -1,0 +1,79 @@
+"""Multiscale pyramids: level shapes, 2x anti-aliased downsampling, level selection.
+
+Arrays are (y, x[, c]) unless a function says otherwise. Downsampling by 2 is a 2x2 box
+average (``cv2.INTER_AREA`` at exactly half size), which is the anti-aliasing filter matched to
+the new grid: output pixel (i, j) is the mean of input pixels (2i..2i+1, 2j..2j+1). Odd sizes are
+padded by edge replication, so the last output row/column averages the last input row/column
+with itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+
+def pyramid_shapes(height: int, width: int, max_side: int = 1024) -> list[tuple[int, int]]:
+    """(y, x) shapes of a 2x pyramid from (height, width) down to longest side <= ``max_side``.
+
+    Each level is ``ceil(previous / 2)``. Level 0 is (height, width) and always present.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image shape must be positive, got {(height, width)}")
+    if max_side < 1:
+        raise ValueError("max_side must be >= 1")
+    shapes = [(int(height), int(width))]
+    while max(shapes[-1]) > max_side:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def downsample2(block: np.ndarray) -> np.ndarray:
+    """Halve a (y, x) or (y, x, c) block with a 2x2 box average (anti-aliased).
+
+    Returns shape (ceil(y/2), ceil(x/2)[, c]) with the input dtype (integers are rounded).
+    """
+    h, w = block.shape[:2]
+    pad_y, pad_x = h % 2, w % 2
+    if pad_y or pad_x:
+        pad = [(0, pad_y), (0, pad_x)] + [(0, 0)] * (block.ndim - 2)
+        block = np.pad(block, pad, mode="edge")
+    out_size = (block.shape[1] // 2, block.shape[0] // 2)  # cv2 takes (width, height)
+    if block.ndim == 3 and block.shape[2] > 4:
+        return np.stack([downsample2(block[:, :, k]) for k in range(block.shape[2])], axis=2)
+    out = cv2.resize(np.ascontiguousarray(block), out_size, interpolation=cv2.INTER_AREA)
+    if block.ndim == 3 and out.ndim == 2:  # cv2 drops a channel axis of 1
+        out = out[:, :, None]
+    return out
+
+
+def downsample2_cyx(block: np.ndarray) -> np.ndarray:
+    """:func:`downsample2` for a (c, y, x) block."""
+    return np.moveaxis(downsample2(np.moveaxis(block, 0, -1)), -1, 0)
+
+
+def level_for_max_side(shapes: Sequence[Sequence[int]], max_side: int) -> int:
+    """Index of the finest level whose longest (y, x) side is at most ``max_side``.
+
+    When no level is that small, the coarsest level is returned.
+    """
+    for k, s in enumerate(shapes):
+        if max(s[0], s[1]) <= max_side:
+            return k
+    return len(shapes) - 1
+
+
+def level_for_pixel_size(pixel_sizes_um: Sequence[float], target_um: float) -> int:
+    """Index of the coarsest level whose pixel size (um) does not exceed ``target_um``.
+
+    Levels are assumed ordered fine to coarse. When even level 0 is coarser than the target,
+    level 0 is returned.
+    """
+    best = 0
+    for k, size in enumerate(pixel_sizes_um):
+        if size <= target_um * (1 + 1e-6):
+            best = k
+    return best
