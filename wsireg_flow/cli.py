@@ -34,7 +34,7 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _progress(args: argparse.Namespace):  # noqa: ANN202
+def _progress(args: argparse.Namespace):
     from wsireg_flow.progress import StderrProgress
 
     return None if args.quiet else StderrProgress()

@@ -27,7 +27,9 @@ class IOConfig(_Section):
     pixel_size_um: float | None = Field(
         None, gt=0, description="Micrometres per level-0 pixel; overrides (or supplies) metadata."
     )
-    chunk: int = Field(1024, ge=64, le=8192, description="Zarr chunk side (px) of (c, y, x) chunks.")
+    chunk: int = Field(
+        1024, ge=64, le=8192, description="Zarr chunk side (px) of (c, y, x) chunks."
+    )
     pyramid_max_side: int = Field(
         1024, ge=64, description="Downsample by 2 until the longest side is at most this (px)."
     )
@@ -39,7 +41,10 @@ class TissueConfig(_Section):
 
     max_side: int = Field(1024, ge=128, description="Longest side (px) of the mask image.")
     min_area_fraction: float = Field(
-        0.0005, ge=0, lt=1, description="Connected tissue pieces smaller than this share are dropped."
+        0.0005,
+        ge=0,
+        lt=1,
+        description="Connected tissue pieces smaller than this share are dropped.",
     )
     min_tissue_fraction: float = Field(
         0.001, ge=0, lt=1, description="Below this tissue share an image counts as blank."
@@ -55,7 +60,10 @@ class RigidConfig(_Section):
     n_features: int = Field(5000, ge=100)
     ratio: float = Field(0.8, gt=0, lt=1, description="Lowe's ratio test threshold.")
     ransac_px: float = Field(
-        0.01, gt=0, lt=0.2, description="RANSAC inlier threshold as a fraction of the image diagonal."
+        0.01,
+        gt=0,
+        lt=0.2,
+        description="RANSAC inlier threshold as a fraction of the image diagonal.",
     )
     rotation_step_deg: float = Field(
         15.0, gt=0, le=90, description="Step of the rotation search used when features fail."
@@ -86,10 +94,17 @@ class NonrigidConfig(_Section):
     overlap: int = Field(128, ge=0, description="Overlap (px) between neighbouring tiles.")
     margin: int = Field(32, ge=0, description="Extra source crop margin (px) around a tile.")
     method: Literal["dis", "farneback"] = "dis"
-    min_tile_tissue: float = Field(0.05, ge=0, le=1, description="Tiles with less tissue are skipped.")
-    min_confidence: float = Field(0.2, ge=0, le=1, description="Tiles below this keep the coarse map.")
+    min_tile_tissue: float = Field(
+        0.05, ge=0, le=1, description="Tiles with less tissue are skipped."
+    )
+    min_confidence: float = Field(
+        0.2, ge=0, le=1, description="Tiles below this keep the coarse map."
+    )
     max_displacement_frac: float = Field(
-        0.25, gt=0, le=1, description="Largest residual displacement as a fraction of the tile side."
+        0.25,
+        gt=0,
+        le=1,
+        description="Largest residual displacement as a fraction of the tile side.",
     )
     smooth_sigma: float = Field(
         4.0, ge=0, description="Gaussian sigma (px, working level) applied to the stitched field."

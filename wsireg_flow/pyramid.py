@@ -42,12 +42,32 @@ def downsample2(block: np.ndarray) -> np.ndarray:
         pad = [(0, pad_y), (0, pad_x)] + [(0, 0)] * (block.ndim - 2)
         block = np.pad(block, pad, mode="edge")
     out_size = (block.shape[1] // 2, block.shape[0] // 2)  # cv2 takes (width, height)
-    if block.ndim == 3 and block.shape[2] > 4:
+    # cv2 rounds .5 ties differently for 2-channel images: do those channel by channel too
+    if block.ndim == 3 and block.shape[2] not in (1, 3, 4):
         return np.stack([downsample2(block[:, :, k]) for k in range(block.shape[2])], axis=2)
+    if block.dtype not in _CV2_DTYPES:  # e.g. int8, int32, bool: cv2.resize refuses them
+        return _downsample2_numpy(block)
     out = cv2.resize(np.ascontiguousarray(block), out_size, interpolation=cv2.INTER_AREA)
     if block.ndim == 3 and out.ndim == 2:  # cv2 drops a channel axis of 1
         out = out[:, :, None]
     return out
+
+
+_CV2_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64))
+
+
+def _downsample2_numpy(block: np.ndarray) -> np.ndarray:
+    """2x2 box average of an even-sized block in numpy (integers rounded half up, like cv2)."""
+    quads = (block[0::2, 0::2], block[1::2, 0::2], block[0::2, 1::2], block[1::2, 1::2])
+    if block.dtype == np.bool_:
+        return _downsample2_numpy(block.view(np.uint8)).astype(np.bool_)
+    if np.issubdtype(block.dtype, np.integer):
+        # floor(sum / 4 + 1/2) without overflow: x = 4 * (x // 4) + x % 4
+        q = sum(a // 4 for a in quads)
+        r = sum(a % 4 for a in quads)
+        return (q + (r + 2) // 4).astype(block.dtype)
+    acc = np.float64 if block.dtype.itemsize > 4 else np.float32
+    return (sum(a.astype(acc) for a in quads) / 4).astype(block.dtype)
 
 
 def downsample2_cyx(block: np.ndarray) -> np.ndarray:

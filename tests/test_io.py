@@ -1,0 +1,371 @@
+"""Slide reading: SVS, OME-TIFF, generic TIFF, JPEG/PNG, and refusal of broken inputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from wsireg_flow.errors import InputError
+from wsireg_flow.io.slide import choose_main_series, open_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+CMU = ROOT / "data" / "wsi" / "CMU-1-Small-Region.svs"
+TCGA = ROOT / "data" / "wsi" / "tcga-cr-7395-01a-01-ts1.svs"
+KIDNEY_JPG = ROOT / "data" / "anhir-sample" / "rat-kidney_" / "scale-5pc" / "Rat-Kidney_HE.jpg"
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _assert_input_error(exc: pytest.ExceptionInfo[InputError], path: Path, problem: str) -> None:
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert problem in msg
+    assert "\n" not in msg
+    assert exc.value.path == path
+
+
+# --------------------------------------------------------------------------- real SVS files
+
+
+def test_cmu1_svs_levels_and_metadata() -> None:
+    with open_slide(CMU) as s:
+        assert s.kind == "svs"
+        assert s.series_name == "Baseline"
+        assert s.shapes == [(2967, 2220, 3)]
+        assert s.downsamples == [1.0]
+        assert s.pixel_size_um == pytest.approx(0.499, abs=1e-9)
+        assert s.level_pixel_size_um(0) == pytest.approx(0.499, abs=1e-9)
+        assert s.dtype == np.uint8
+        assert s.channels == 3
+        d = s.describe()
+        assert d["levels"] == [[2967, 2220, 3]]
+        assert d["series"] == "Baseline"
+
+
+def test_tcga_svs_levels_and_unknown_pixel_size() -> None:
+    with open_slide(TCGA) as s:
+        assert s.kind == "svs"
+        assert s.series_name == "Baseline"
+        assert s.shapes == [(3567, 4443, 3), (1783, 2221, 3)]
+        expected = (3567 / 1783 + 4443 / 2221) / 2
+        assert s.downsamples[0] == 1.0
+        assert s.downsamples[1] == pytest.approx(expected, rel=1e-12)
+        assert s.downsamples[1] == pytest.approx(2.0005, abs=1e-4)
+        assert s.pixel_size_um is None
+        assert s.level_pixel_size_um(1) is None
+        assert s.describe()["downsamples"] == [1.0, 2.0005]
+
+
+@pytest.mark.parametrize("path", [CMU, TCGA])
+def test_pixel_size_override(path: Path) -> None:
+    with open_slide(path, pixel_size_um=0.25) as s:
+        assert s.pixel_size_um == 0.25
+        assert s.level_pixel_size_um(len(s.levels) - 1) == pytest.approx(
+            0.25 * s.downsamples[-1], rel=1e-12
+        )
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf])
+def test_pixel_size_override_must_be_positive(bad: float) -> None:
+    with pytest.raises(InputError) as exc:
+        open_slide(CMU, pixel_size_um=bad)
+    _assert_input_error(exc, CMU, "pixel size must be a positive number")
+
+
+@pytest.mark.parametrize(
+    ("path", "level", "region"),
+    [
+        (CMU, 0, (200, 300, 700, 900)),  # crosses 240 px tile boundaries
+        (CMU, 0, (2900, 2100, 2967, 2220)),  # bottom-right edge tiles
+        (TCGA, 0, (1000, 2000, 1600, 2700)),
+        (TCGA, 1, (1700, 2150, 1783, 2221)),
+    ],
+)
+def test_read_region_equals_tifffile(path: Path, level: int, region: tuple[int, ...]) -> None:
+    y0, x0, y1, x1 = region
+    ref = tifffile.imread(path, series=0, level=level)
+    with open_slide(path) as s:
+        got = s.read_region(level, y0, x0, y1, x1)
+    assert got.shape == (y1 - y0, x1 - x0, 3)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref[y0:y1, x0:x1])
+    # not a constant region: the comparison means something
+    assert len(np.unique(got)) > 1
+
+
+def test_read_region_clips_to_level() -> None:
+    ref = tifffile.imread(CMU, series=0, level=0)
+    with open_slide(CMU) as s:
+        got = s.read_region(0, -10, -20, 30, 40)
+        assert got.shape == (30, 40, 3)
+        np.testing.assert_array_equal(got, ref[:30, :40])
+        tail = s.read_region(0, 2960, 2210, 4000, 5000)
+        assert tail.shape == (7, 10, 3)
+        np.testing.assert_array_equal(tail, ref[2960:, 2210:])
+
+
+def test_dask_level_matches_read_region() -> None:
+    with open_slide(TCGA) as s:
+        arr = s.dask_level(1, chunks=512)
+        assert arr.shape == (1783, 2221, 3)
+        assert arr.chunksize == (512, 512, 3)
+        np.testing.assert_array_equal(
+            arr[500:900, 1000:1400].compute(), s.read_region(1, 500, 1000, 900, 1400)
+        )
+
+
+# --------------------------------------------------------------------------- series choice
+
+
+def test_choose_main_series_skips_aux_and_takes_largest() -> None:
+    series = [
+        ("Thumbnail", (768, 574, 3), "YXS"),
+        ("Baseline", (3000, 2000, 3), "YXS"),
+        ("Label", (9000, 9000, 3), "YXS"),  # larger, but a label
+        ("Macro image", (8000, 9000, 3), "YXS"),
+        ("Series 4", (3, 2000, 3001), "CYX"),  # planar, 6,002,000 px > 6,000,000 px
+        ("overview", (10000, 10000), "YX"),
+    ]
+    assert choose_main_series(series) == 4
+    assert choose_main_series(series[:4]) == 1
+    # ties go to the first; an empty name counts as an image
+    assert choose_main_series([("", (10, 10), "YX"), ("b", (10, 10), "YX")]) == 0
+    # a series without X/Y axes has area 0 but still beats nothing
+    assert choose_main_series([("map", (5, 5), "YX"), ("x", (7,), "I")]) == 1
+
+
+def test_choose_main_series_only_aux_raises() -> None:
+    with pytest.raises(ValueError, match="no image series"):
+        choose_main_series([("Label", (10, 10, 3), "YXS"), ("THUMBNAIL", (5, 5, 3), "YXS")])
+
+
+# --------------------------------------------------------------------------- plain images
+
+
+def test_jpeg_read() -> None:
+    with open_slide(KIDNEY_JPG) as s:
+        assert s.kind == "plain"
+        assert s.shapes == [(787, 1164, 3)]
+        assert s.pixel_size_um is None
+        img = s.read_region(0, 0, 0, 787, 1164)
+    ref = cv2.imread(str(KIDNEY_JPG), cv2.IMREAD_COLOR)[:, :, ::-1]  # independent decoder path
+    np.testing.assert_array_equal(img, ref)
+    assert img[100, 200].tolist() == [243, 243, 243]
+
+
+def test_png_gray_and_rgba(tmp_path: Path) -> None:
+    gray = (np.arange(30 * 40).reshape(30, 40) % 251).astype(np.uint8)
+    rgba = np.dstack([_rgb(30, 40), np.full((30, 40), 200, np.uint8)])
+    (tmp_path / "g.png").write_bytes(imagecodecs.png_encode(gray))
+    (tmp_path / "c.png").write_bytes(imagecodecs.png_encode(rgba))
+    with open_slide(tmp_path / "g.png") as s:
+        assert s.shapes == [(30, 40, 1)]
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 30, 40)[:, :, 0], gray)
+    with open_slide(tmp_path / "c.png") as s:
+        assert s.shapes == [(30, 40, 4)]
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 30, 40), rgba)
+
+
+# --------------------------------------------------------------------------- synthetic TIFFs
+
+
+def test_pyramidal_ome_tiff(tmp_path: Path) -> None:
+    data = _rgb(1000, 1500)
+    path = tmp_path / "pyr.ome.tif"
+    opts = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(
+            data,
+            subifds=2,
+            resolution=(1e4 / 0.5, 1e4 / 0.5),
+            resolutionunit="CENTIMETER",
+            metadata={
+                "axes": "YXS",
+                "PhysicalSizeX": 0.5,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": 0.5,
+                "PhysicalSizeYUnit": "µm",
+            },
+            **opts,
+        )
+        tw.write(data[::2, ::2], subfiletype=1, **opts)
+        tw.write(data[::4, ::4], subfiletype=1, **opts)
+    with open_slide(path) as s:
+        assert s.kind == "ome-tiff"
+        assert s.pixel_size_um == pytest.approx(0.5, abs=1e-12)
+        assert s.shapes == [(1000, 1500, 3), (500, 750, 3), (250, 375, 3)]
+        assert s.downsamples == [1.0, 2.0, 4.0]
+        assert s.level_pixel_size_um(2) == pytest.approx(2.0, abs=1e-12)
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 1000, 1500), data)
+        np.testing.assert_array_equal(s.read_region(1, 100, 200, 400, 700), data[::2, ::2][100:400, 200:700])
+        np.testing.assert_array_equal(s.read_region(2, 0, 0, 250, 375), data[::4, ::4])
+
+
+def test_ome_tiff_pixel_size_in_nanometres_without_resolution_tags(tmp_path: Path) -> None:
+    path = tmp_path / "nm.ome.tif"
+    tifffile.imwrite(
+        path,
+        _rgb(64, 80),
+        ome=True,
+        photometric="rgb",
+        metadata={"axes": "YXS", "PhysicalSizeX": 250.0, "PhysicalSizeXUnit": "nm"},
+    )
+    with open_slide(path) as s:
+        assert s.kind == "ome-tiff"
+        assert s.pixel_size_um == pytest.approx(0.25, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "unit", "expected"),
+    [
+        ((1e4 / 0.25, 1e4 / 0.25), "CENTIMETER", 0.25),  # 40000 px/cm
+        ((25400 / 0.5, 25400 / 0.5), "INCH", 0.5),  # 50800 dpi
+        ((72, 72), "INCH", None),  # writer default, not a measurement
+        ((1, 1), "NONE", None),
+    ],
+)
+def test_generic_tiled_tiff_resolution(
+    tmp_path: Path, resolution: tuple[float, float], unit: str, expected: float | None
+) -> None:
+    data = _rgb(700, 900, seed=3)
+    path = tmp_path / "generic.tif"
+    tifffile.imwrite(
+        path, data, tile=(256, 256), photometric="rgb", resolution=resolution, resolutionunit=unit
+    )
+    with open_slide(path) as s:
+        assert s.kind == "tiff"
+        assert s.shapes == [(700, 900, 3)]
+        if expected is None:
+            assert s.pixel_size_um is None
+        else:
+            assert s.pixel_size_um == pytest.approx(expected, rel=1e-6)
+        np.testing.assert_array_equal(s.read_region(0, 250, 250, 520, 780), data[250:520, 250:780])
+
+
+def test_grayscale_tiff_has_one_channel(tmp_path: Path) -> None:
+    data = (np.arange(300 * 500, dtype=np.uint32).reshape(300, 500) % 65521).astype(np.uint16)
+    path = tmp_path / "gray.tif"
+    tifffile.imwrite(path, data, tile=(128, 128), photometric="minisblack")
+    with open_slide(path) as s:
+        assert s.channels == 1
+        assert s.shapes == [(300, 500, 1)]
+        assert s.dtype == np.uint16
+        region = s.read_region(0, 120, 130, 260, 400)
+        assert region.shape == (140, 270, 1)
+        np.testing.assert_array_equal(region[:, :, 0], data[120:260, 130:400])
+        # channel slicing on a grayscale view
+        assert s.levels[0][5:7, 8:9, 0:1].tolist() == [[[data[5, 8]]], [[data[6, 8]]]]
+
+
+def test_planar_cyx_ome_tiff_is_presented_as_yxc(tmp_path: Path) -> None:
+    data = _rgb(300, 400, seed=7)
+    cyx = np.ascontiguousarray(np.moveaxis(data, 2, 0))
+    path = tmp_path / "planar.ome.tif"
+    tifffile.imwrite(path, cyx, ome=True, photometric="minisblack", metadata={"axes": "CYX"}, tile=(128, 128))
+    assert tifffile.TiffFile(path).series[0].axes == "CYX"
+    with open_slide(path) as s:
+        assert s.kind == "ome-tiff"
+        assert s.shapes == [(300, 400, 3)]
+        got = s.read_region(0, 10, 20, 210, 320)
+        np.testing.assert_array_equal(got, data[10:210, 20:320])
+        assert got[0, 0].tolist() == data[10, 20].tolist()
+        assert s.levels[0][5:6, 6:7, 2:3].item() == cyx[2, 5, 6]
+
+
+def test_planar_separate_rgb_tiff(tmp_path: Path) -> None:
+    data = _rgb(200, 260, seed=9)
+    path = tmp_path / "sep.tif"
+    tifffile.imwrite(path, np.moveaxis(data, 2, 0), photometric="rgb", planarconfig="separate")
+    assert tifffile.TiffFile(path).series[0].axes == "SYX"
+    with open_slide(path) as s:
+        assert s.shapes == [(200, 260, 3)]
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 200, 260), data)
+
+
+# --------------------------------------------------------------------------- broken inputs
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.svs"
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "file not found")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.svs"
+    path.write_bytes(b"")
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "file is empty")
+
+
+@pytest.mark.parametrize(("src", "size"), [(CMU, 1_000_000), (TCGA, 1_000_000), (TCGA, 3_000_000)])
+def test_truncated_svs(tmp_path: Path, src: Path, size: int) -> None:
+    path = tmp_path / "cut.svs"
+    path.write_bytes(src.read_bytes()[:size])
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "truncated")
+
+
+def test_truncated_tiff_tile_data(tmp_path: Path) -> None:
+    # tifffile writes the IFD first, so the header parses and only the tile data are cut off
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, _rgb(600, 600), tile=(128, 128), photometric="rgb")
+    data = full.read_bytes()
+    path = tmp_path / "cut.tif"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, f"but the file has {len(data) // 2}")
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    data = KIDNEY_JPG.read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "JPEG file is truncated")
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    data = imagecodecs.png_encode(_rgb(50, 60))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[:-30])
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "PNG file is truncated")
+
+
+def test_text_file_named_svs(tmp_path: Path) -> None:
+    path = tmp_path / "notes.svs"
+    path.write_text("this is not a slide\nsecond line\n")
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "not a supported image")
+
+
+def test_tiff_magic_with_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.tif"
+    path.write_bytes(b"II*\x00" + b"\xff" * 200)
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "corrupt")
+
+
+def test_directory(tmp_path: Path) -> None:
+    path = tmp_path / "folder.svs"
+    path.mkdir()
+    with pytest.raises(InputError) as exc:
+        open_slide(path)
+    _assert_input_error(exc, path, "is a directory")

@@ -1,0 +1,368 @@
+"""Coarse alignment at low resolution: features + robust fit, rotation/flip search, ECC.
+
+All images are (y, x) float32 intensity images in [0, 1] (see :mod:`wsireg_flow.tissue`) at one
+working level; matrices are 3x3 target->source affines on (x, y) pixel coordinates of that level.
+
+Strategy
+--------
+1. SIFT (or ORB) features on both images, Lowe's ratio test, USAC-MAGSAC affine/similarity fit;
+   the same against the x-mirrored source when ``try_flip`` (kept only if clearly better).
+2. If that fails or is implausible: exhaustive rotation search (every ``rotation_step_deg``,
+   mirrored too), translation by phase correlation, scored by normalised cross-correlation.
+3. ECC (enhanced correlation coefficient) affine refinement, kept only when it raises the
+   correlation and stays plausible.
+Implausible results (scale outside [scale_min, scale_max], shear above ``max_shear``, too few
+inliers) are rejected and the reason is kept in ``RigidResult.notes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from skimage.registration import phase_cross_correlation
+
+from wsireg_flow.config import RigidConfig
+from wsireg_flow.errors import RegistrationError
+from wsireg_flow.geometry import as3x3, decompose, flip_x, rotation_about
+
+
+@dataclass
+class RigidResult:
+    """Outcome of coarse alignment (matrix: 3x3 target->source at the working level)."""
+
+    matrix: np.ndarray
+    method: str
+    n_matches: int = 0
+    n_inliers: int = 0
+    flipped: bool = False
+    ncc_initial: float = float("nan")
+    ncc_final: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "n_matches": self.n_matches,
+            "n_inliers": self.n_inliers,
+            "flipped": self.flipped,
+            "ncc_initial": self.ncc_initial,
+            "ncc_final": self.ncc_final,
+            "notes": list(self.notes),
+            **decompose(self.matrix),
+        }
+
+
+def warp_affine(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resample ``image`` (source) onto a (y, x) ``shape`` grid with a target->source affine."""
+    return cv2.warpAffine(
+        image,
+        np.ascontiguousarray(matrix[:2], dtype=np.float64),
+        (shape[1], shape[0]),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+
+
+def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Normalised cross-correlation of two same-shape images (over ``mask`` if given)."""
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    if a.size < 16:
+        return 0.0
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def plausibility(matrix: np.ndarray, cfg: RigidConfig) -> str | None:
+    """None when the affine is plausible, else the reason it is not."""
+    if not np.all(np.isfinite(matrix)):
+        return "non-finite matrix"
+    d = decompose(matrix)
+    if not cfg.scale_min <= d["scale"] <= cfg.scale_max:
+        return f"scale {d['scale']:.3f} outside [{cfg.scale_min}, {cfg.scale_max}]"
+    if abs(d["shear"]) > cfg.max_shear:
+        return f"shear {d['shear']:.3f} above {cfg.max_shear}"
+    if d["anisotropy"] > 1.0 + 2 * cfg.max_shear:
+        return f"anisotropic scaling {d['anisotropy']:.3f}"
+    return None
+
+
+def _to_u8(img: np.ndarray) -> np.ndarray:
+    return np.clip(img * 255.0, 0, 255).astype(np.uint8)
+
+
+def _features(img: np.ndarray, mask: np.ndarray | None, cfg: RigidConfig):
+    u8 = _to_u8(img)
+    m = (
+        None
+        if mask is None
+        else cv2.dilate(mask.astype(np.uint8) * 255, np.ones((15, 15), np.uint8))
+    )
+    if cfg.detector == "sift":
+        det = cv2.SIFT_create(nfeatures=cfg.n_features)
+    else:
+        det = cv2.ORB_create(nfeatures=cfg.n_features)
+    kps, desc = det.detectAndCompute(u8, m)
+    pts = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
+    return pts, desc
+
+
+def _match(desc_t: np.ndarray, desc_s: np.ndarray, cfg: RigidConfig) -> np.ndarray:
+    if desc_t is None or desc_s is None or len(desc_t) < 2 or len(desc_s) < 2:
+        return np.zeros((0, 2), int)
+    norm = cv2.NORM_L2 if cfg.detector == "sift" else cv2.NORM_HAMMING
+    knn = cv2.BFMatcher(norm).knnMatch(desc_t, desc_s, k=2)
+    good = [
+        (m[0].queryIdx, m[0].trainIdx)
+        for m in knn
+        if len(m) == 2 and m[0].distance < cfg.ratio * m[1].distance
+    ]
+    return np.array(good, int).reshape(-1, 2)
+
+
+def _fit(pt: np.ndarray, ps: np.ndarray, cfg: RigidConfig, diag: float):
+    if len(pt) < 4:
+        return None, 0
+    thr = cfg.ransac_px * diag
+    fit = cv2.estimateAffine2D if cfg.model == "affine" else cv2.estimateAffinePartial2D
+    m, inl = fit(
+        pt, ps, method=cv2.USAC_MAGSAC, ransacReprojThreshold=thr, maxIters=5000, confidence=0.999
+    )
+    if m is None:
+        return None, 0
+    return as3x3(m), int(inl.sum())
+
+
+def feature_alignment(
+    target: np.ndarray,
+    source: np.ndarray,
+    target_mask: np.ndarray | None,
+    source_mask: np.ndarray | None,
+    cfg: RigidConfig,
+) -> RigidResult | None:
+    """Feature-based target->source affine, or None when no plausible fit is found."""
+    diag = float(np.hypot(*target.shape))
+    pt_all, dt = _features(target, target_mask, cfg)
+    candidates: list[RigidResult] = []
+    variants = [False, True] if cfg.try_flip else [False]
+    for flipped in variants:
+        src = source[:, ::-1] if flipped else source
+        msk = None if source_mask is None else (source_mask[:, ::-1] if flipped else source_mask)
+        ps_all, ds = _features(
+            np.ascontiguousarray(src), None if msk is None else np.ascontiguousarray(msk), cfg
+        )
+        pairs = _match(dt, ds, cfg)
+        m, n_in = (
+            _fit(pt_all[pairs[:, 0]], ps_all[pairs[:, 1]], cfg, diag) if len(pairs) else (None, 0)
+        )
+        if m is None:
+            continue
+        if flipped:
+            m = flip_x(source.shape[1]) @ m
+        res = RigidResult(m, "features", n_matches=len(pairs), n_inliers=n_in, flipped=flipped)
+        reason = plausibility(m, cfg)
+        if n_in < cfg.min_inliers:
+            reason = f"only {n_in} inliers (< {cfg.min_inliers})"
+        if reason:
+            res.notes.append(f"features{' (mirrored)' if flipped else ''} rejected: {reason}")
+        candidates.append(res)
+    ok = [c for c in candidates if not any("rejected" in n for n in c.notes)]
+    if not ok:
+        return None if not candidates else _with_notes(None, candidates)
+    best = max(ok, key=lambda r: r.n_inliers * (1.0 if not r.flipped else 1.0 / 1.5))
+    for c in candidates:
+        if c is not best:
+            best.notes.extend(c.notes)
+    return best
+
+
+def _with_notes(result: RigidResult | None, rejected: list[RigidResult]) -> RigidResult | None:
+    # carry the rejection reasons back through a sentinel result with an invalid method
+    notes = [n for r in rejected for n in r.notes]
+    return RigidResult(np.eye(3), "rejected", notes=notes)
+
+
+def rotation_search(
+    target: np.ndarray,
+    source: np.ndarray,
+    target_mask: np.ndarray | None,
+    source_mask: np.ndarray | None,
+    cfg: RigidConfig,
+    size: int = 256,
+) -> list[RigidResult]:
+    """Exhaustive rotation (and mirror) search at ``size`` px, translation by phase correlation.
+
+    Every ``rotation_step_deg`` is tried (scale 1; ECC refines scale later), then the best angle
+    is refined in 1-degree steps. Each candidate is scored by :func:`layout_score`. Returns the
+    unrotated candidate and the best rotated one (when different), for each mirroring: blurred
+    layouts can prefer a wrong symmetric pose, so the caller decides after refinement.
+    """
+    f = size / max(target.shape)
+    t_small, s_small = _small(target, f), _small(source, f)
+    tm_small = None if target_mask is None else _small(target_mask.astype(np.float32), f)
+    sm_small = None if source_mask is None else _small(source_mask.astype(np.float32), f)
+    ct, cs = _centroid(t_small), _centroid(s_small)
+
+    def evaluate(angle: float, flipped: bool) -> tuple[float, np.ndarray]:
+        m = rotation_about(angle, ct, cs, 1.0, s_small.shape[1] if flipped else None)
+        warped = warp_affine(s_small, m, t_small.shape)
+        shift, _, _ = phase_cross_correlation(t_small, warped, normalization=None)
+        # `shift` (dy, dx) moves `warped` onto the target: compose that translation
+        m2 = m @ np.array([[1, 0, -shift[1]], [0, 1, -shift[0]], [0, 0, 1.0]])
+        return _layout_score_small(t_small, s_small, tm_small, sm_small, m2), m2
+
+    up, dn = np.diag([1 / f, 1 / f, 1.0]), np.diag([f, f, 1.0])
+    found: list[RigidResult] = []
+    for flipped in [False, True] if cfg.try_flip else [False]:
+        angles = np.arange(0.0, 360.0, cfg.rotation_step_deg)
+        scores = [(*evaluate(float(a), flipped), float(a)) for a in angles]
+        best = max(scores, key=lambda x: x[0])
+        starts = [scores[0]] if best is scores[0] else [scores[0], best]
+        for score, m, angle in starts:
+            half = cfg.rotation_step_deg / 2
+            for a in np.arange(angle - half, angle + half + 1e-9, 1.0):
+                sc, mm = evaluate(float(a), flipped)
+                if sc > score:
+                    score, m = sc, mm
+            found.append(
+                RigidResult(up @ m @ dn, "rotation-search", flipped=flipped, ncc_final=score)
+            )
+    return found
+
+
+def _small(img: np.ndarray, f: float, sigma: float = 2.0) -> np.ndarray:
+    small = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+    return cv2.GaussianBlur(small, (0, 0), sigma)
+
+
+def _layout_score_small(
+    t: np.ndarray, s: np.ndarray, tm: np.ndarray | None, sm: np.ndarray | None, m: np.ndarray
+) -> float:
+    score = ncc(t, warp_affine(s, m, t.shape))
+    if tm is not None and sm is not None:
+        score += ncc(tm, warp_affine(sm, m, tm.shape))
+    return score
+
+
+def layout_score(
+    target: np.ndarray,
+    source: np.ndarray,
+    target_mask: np.ndarray | None,
+    source_mask: np.ndarray | None,
+    matrix: np.ndarray,
+    size: int = 256,
+) -> float:
+    """How well a target->source affine lays the source's tissue over the target's.
+
+    NCC of the blurred intensity images plus NCC of the blurred tissue masks, at ``size`` px
+    (range -2..2). Blurring makes it compare tissue layout rather than stain texture.
+    """
+    f = size / max(target.shape)
+    sd = np.diag([f, f, 1.0])
+    m = sd @ matrix @ np.linalg.inv(sd)
+    tm = None if target_mask is None else _small(target_mask.astype(np.float32), f)
+    sm = None if source_mask is None else _small(source_mask.astype(np.float32), f)
+    return _layout_score_small(_small(target, f), _small(source, f), tm, sm, m)
+
+
+def _centroid(img: np.ndarray) -> tuple[float, float]:
+    w = img.astype(np.float64)
+    tot = w.sum()
+    if tot <= 0:
+        return ((img.shape[1] - 1) / 2, (img.shape[0] - 1) / 2)
+    yy, xx = np.indices(img.shape)
+    return (float((xx * w).sum() / tot), float((yy * w).sum() / tot))
+
+
+def ecc_refine(
+    target: np.ndarray,
+    source: np.ndarray,
+    matrix: np.ndarray,
+    cfg: RigidConfig,
+    sizes: tuple[int, ...] = (128, 256, 512),
+) -> np.ndarray:
+    """Refine a target->source affine by ECC, coarse to fine over ``sizes`` px.
+
+    Images are blurred (sigma 1 px at each size). A step is kept only when it converges, stays
+    plausible and raises the NCC at that size; the input matrix comes back when none does.
+    """
+    motion = cv2.MOTION_AFFINE if cfg.model == "affine" else cv2.MOTION_EUCLIDEAN
+    for size in sizes:
+        f = min(1.0, size / max(target.shape))
+        t, s = _small(target, f, 1.0), _small(source, f, 1.0)
+        sd = np.diag([f, f, 1.0])
+        m_small = sd @ matrix @ np.linalg.inv(sd)
+        warp = np.ascontiguousarray(m_small[:2], dtype=np.float32)
+        try:
+            _, warp = cv2.findTransformECC(
+                t,
+                s,
+                warp,
+                motion,
+                (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5),
+                None,
+                1,
+            )
+        except cv2.error:
+            continue
+        cand = np.linalg.inv(sd) @ as3x3(warp) @ sd
+        before = ncc(t, warp_affine(s, m_small, t.shape))
+        after = ncc(t, warp_affine(s, as3x3(warp), t.shape))
+        if after > before and plausibility(cand, cfg) is None:
+            matrix = cand
+    return matrix
+
+
+def _rotated(matrix: np.ndarray) -> float:
+    return float(abs(decompose(matrix)["rotation_deg"]) > 20.0)
+
+
+def coarse_alignment(
+    target: np.ndarray,
+    source: np.ndarray,
+    target_mask: np.ndarray | None,
+    source_mask: np.ndarray | None,
+    cfg: RigidConfig,
+) -> RigidResult:
+    """Coarse target->source affine at the working level (see module docstring).
+
+    Candidates (feature fit when plausible, rotation search always) are refined by ECC and the
+    one with the best :func:`layout_score` wins.
+
+    Raises
+    ------
+    RegistrationError
+        When no candidate is plausible.
+    """
+    candidates: list[RigidResult] = []
+    notes: list[str] = []
+    feat = feature_alignment(target, source, target_mask, source_mask, cfg)
+    if feat is not None and feat.method != "rejected":
+        candidates.append(feat)
+    elif feat is not None:
+        notes.extend(feat.notes)
+    candidates.extend(rotation_search(target, source, target_mask, source_mask, cfg))
+    identity = layout_score(target, source, target_mask, source_mask, np.eye(3))
+    for c in candidates:
+        if cfg.refine == "ecc":
+            refined = ecc_refine(target, source, c.matrix, cfg)
+            if refined is not c.matrix:
+                c.matrix, c.method = refined, c.method + "+ecc"
+        c.ncc_initial = identity
+        c.ncc_final = layout_score(target, source, target_mask, source_mask, c.matrix)
+    ok = [c for c in candidates if plausibility(c.matrix, cfg) is None]
+    if not ok:
+        reasons = "; ".join(str(plausibility(c.matrix, cfg)) for c in candidates)
+        raise RegistrationError(f"coarse alignment is implausible: {reasons}")
+    # the simplest hypothesis wins unless clearly beaten (symmetric tissue fools blurred scores)
+    best = max(ok, key=lambda c: c.ncc_final - 0.05 * c.flipped - 0.05 * _rotated(c.matrix))
+    best.notes[:0] = notes + [
+        f"{c.method}: score {c.ncc_final:.3f}" for c in candidates if c is not best
+    ]
+    return best
