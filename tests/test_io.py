@@ -205,7 +205,9 @@ def test_pyramidal_ome_tiff(tmp_path: Path) -> None:
         assert s.downsamples == [1.0, 2.0, 4.0]
         assert s.level_pixel_size_um(2) == pytest.approx(2.0, abs=1e-12)
         np.testing.assert_array_equal(s.read_region(0, 0, 0, 1000, 1500), data)
-        np.testing.assert_array_equal(s.read_region(1, 100, 200, 400, 700), data[::2, ::2][100:400, 200:700])
+        np.testing.assert_array_equal(
+            s.read_region(1, 100, 200, 400, 700), data[::2, ::2][100:400, 200:700]
+        )
         np.testing.assert_array_equal(s.read_region(2, 0, 0, 250, 375), data[::4, ::4])
 
 
@@ -269,7 +271,9 @@ def test_planar_cyx_ome_tiff_is_presented_as_yxc(tmp_path: Path) -> None:
     data = _rgb(300, 400, seed=7)
     cyx = np.ascontiguousarray(np.moveaxis(data, 2, 0))
     path = tmp_path / "planar.ome.tif"
-    tifffile.imwrite(path, cyx, ome=True, photometric="minisblack", metadata={"axes": "CYX"}, tile=(128, 128))
+    tifffile.imwrite(
+        path, cyx, ome=True, photometric="minisblack", metadata={"axes": "CYX"}, tile=(128, 128)
+    )
     assert tifffile.TiffFile(path).series[0].axes == "CYX"
     with open_slide(path) as s:
         assert s.kind == "ome-tiff"

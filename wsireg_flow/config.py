@@ -34,6 +34,12 @@ class IOConfig(_Section):
         1024, ge=64, description="Downsample by 2 until the longest side is at most this (px)."
     )
     codec: Literal["lz4", "zstd"] = Field("lz4", description="Blosc codec (bit-shuffled).")
+    registration_min_side: int = Field(
+        128,
+        ge=32,
+        description="Pyramids ingested for registration go down to this longest side (px), so "
+        "that coarse working levels exist even for small images.",
+    )
 
 
 class TissueConfig(_Section):
@@ -86,7 +92,7 @@ class NonrigidConfig(_Section):
     """Tile-wise non-rigid registration, coarse to fine."""
 
     level_max_sides: list[int] = Field(
-        default_factory=lambda: [1024, 2048],
+        default_factory=lambda: [1024, 2048, 4096],
         min_length=1,
         description="Working levels, coarse to fine, by longest side (px); each refines the last.",
     )
@@ -107,7 +113,7 @@ class NonrigidConfig(_Section):
         description="Largest residual displacement as a fraction of the tile side.",
     )
     smooth_sigma: float = Field(
-        4.0, ge=0, description="Gaussian sigma (px, working level) applied to the stitched field."
+        2.0, ge=0, description="Gaussian sigma (px, working level) applied to the stitched field."
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,282 @@
+"""Configuration: defaults, configs/default.yaml in sync, partial overrides, clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsireg_flow.cli import main
+from wsireg_flow.config import Config, config_from_dict, config_to_yaml, load_config
+from wsireg_flow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = ROOT / "configs" / "default.yaml"
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    assert exc.value.path == path
+    return msg
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults() -> None:
+    cfg = Config()
+    assert cfg.io.pixel_size_um is None
+    assert cfg.io.chunk == 1024
+    assert cfg.io.pyramid_max_side == 1024
+    assert cfg.io.codec == "lz4"
+    assert cfg.tissue.max_side == 1024
+    assert cfg.tissue.min_area_fraction == 0.0005
+    assert cfg.rigid.max_side == 1024
+    assert cfg.rigid.model == "affine"
+    assert cfg.rigid.ratio == 0.8
+    assert (cfg.rigid.scale_min, cfg.rigid.scale_max) == (0.5, 2.0)
+    assert cfg.nonrigid.level_max_sides == [1024, 2048]
+    assert (cfg.nonrigid.tile, cfg.nonrigid.overlap, cfg.nonrigid.margin) == (512, 128, 32)
+    assert cfg.dask.scheduler == "threads"
+    assert cfg.dask.n_workers is None
+    assert cfg.dask.memory_limit == "4GB"
+    assert load_config(None) == cfg
+
+
+def test_default_yaml_mirrors_config() -> None:
+    text = DEFAULT_YAML.read_text(encoding="utf-8")
+    assert yaml.safe_load(text) == Config().model_dump(mode="json")
+    # same keys in the same order, same spelling: the file is the dump plus comments
+    body = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    assert body == config_to_yaml(Config())
+    assert load_config(DEFAULT_YAML) == Config()
+
+
+def test_default_lists_are_not_shared() -> None:
+    a, b = Config(), Config()
+    a.nonrigid.level_max_sides.append(4096)
+    assert b.nonrigid.level_max_sides == [1024, 2048]
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_partial_yaml_overrides_only_its_keys(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "# a comment\nrigid:\n  ratio: 0.7\n  detector: orb\nnonrigid:\n  tile: 256\n"
+        "  overlap: 64\nio:\n  pixel_size_um: 0.25\n",
+    )
+    cfg = load_config(path)
+    assert cfg.rigid.ratio == 0.7
+    assert cfg.rigid.detector == "orb"
+    assert cfg.nonrigid.tile == 256
+    assert cfg.nonrigid.overlap == 64
+    assert cfg.io.pixel_size_um == 0.25
+    expected = Config().model_dump()
+    expected["rigid"].update(ratio=0.7, detector="orb")
+    expected["nonrigid"].update(tile=256, overlap=64)
+    expected["io"]["pixel_size_um"] = 0.25
+    assert cfg.model_dump() == expected
+
+
+def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")) == Config()
+    assert load_config(_write(tmp_path, "# only a comment\n", "c.yaml")) == Config()
+    assert load_config(_write(tmp_path, "rigid: {}\n", "d.yaml")) == Config()
+
+
+def test_config_from_dict_without_source() -> None:
+    assert config_from_dict({"io": {"chunk": 512}}).io.chunk == 512
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"io": {"chunkk": 512}})
+    assert str(exc.value) == "invalid configuration: unknown key 'io.chunkk'"
+    assert exc.value.path is None
+
+
+def test_validate_assignment() -> None:
+    cfg = Config()
+    cfg.io.pixel_size_um = 0.3
+    assert cfg.io.pixel_size_um == 0.3
+    with pytest.raises(ValueError):
+        cfg.io.pixel_size_um = -1.0
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "rigid:\n  ratioo: 0.5\n"))
+    assert "unknown key 'rigid.ratioo'" in msg
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "rigidd:\n  ratio: 0.5\n"))
+    assert "unknown key 'rigidd'" in msg
+
+
+def test_two_errors_are_both_named(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "io:\n  chunk: 1\n  codecc: lz4\n"))
+    assert "'io.chunk'" in msg
+    assert "unknown key 'io.codecc'" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("nonrigid:\n  tile: -5\n", "'nonrigid.tile'", "greater than or equal to 64"),
+        ("io:\n  chunk: abc\n", "'io.chunk'", "valid integer"),
+        ("rigid:\n  n_features: many\n", "'rigid.n_features'", "valid integer"),
+        ("io:\n  chunk: 1024.5\n", "'io.chunk'", "fractional part"),
+        ("io:\n  chunk: 100000\n", "'io.chunk'", "less than or equal to 8192"),
+        ("io:\n  pixel_size_um: 0\n", "'io.pixel_size_um'", "greater than 0"),
+        ("io:\n  codec: gzip\n", "'io.codec'", "'lz4' or 'zstd'"),
+        ("rigid:\n  ratio: 1.5\n", "'rigid.ratio'", "less than 1"),
+        ("rigid: 5\n", "'rigid'", "valid dictionary"),
+        ("nonrigid:\n  level_max_sides: []\n", "'nonrigid.level_max_sides'", "at least 1"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    msg = _config_error(_write(tmp_path, text))
+    assert key in msg
+    assert problem in msg
+
+
+def test_scale_min_not_below_scale_max(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "rigid:\n  scale_min: 2.0\n  scale_max: 1.0\n"))
+    assert "'rigid'" in msg
+    assert "scale_min must be smaller than scale_max" in msg
+    # equal is refused too
+    msg = _config_error(_write(tmp_path, "rigid:\n  scale_min: 1.0\n  scale_max: 1.0\n", "eq.yaml"))
+    assert "scale_min must be smaller than scale_max" in msg
+
+
+def test_overlap_must_be_less_than_half_the_tile(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "nonrigid:\n  tile: 256\n  overlap: 128\n"))
+    assert "'nonrigid'" in msg
+    assert "overlap must be less than half the tile size" in msg
+    # 127 * 2 < 256 is fine
+    assert (
+        load_config(
+            _write(tmp_path, "nonrigid:\n  tile: 256\n  overlap: 127\n", "ok.yaml")
+        ).nonrigid.overlap
+        == 127
+    )
+    # the default overlap (128) does not fit a 256 tile either
+    msg = _config_error(_write(tmp_path, "nonrigid:\n  tile: 256\n", "t.yaml"))
+    assert "overlap must be less than half the tile size" in msg
+
+
+def test_level_max_sides_must_increase(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "nonrigid:\n  level_max_sides: [2048, 1024]\n"))
+    assert "'nonrigid'" in msg and "level_max_sides must go coarse to fine" in msg
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "rigid: [1, 2\n"))
+    assert "not valid YAML" in msg
+    msg = _config_error(_write(tmp_path, "io:\n\tchunk: 5\n", "tab.yaml"))
+    assert "not valid YAML" in msg
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    assert "not valid YAML" in _config_error(path)
+
+
+def test_yaml_list_is_refused(tmp_path: Path) -> None:
+    msg = _config_error(_write(tmp_path, "- io\n- rigid\n"))
+    assert "a config must be a mapping of sections, got list" in msg
+    msg = _config_error(_write(tmp_path, "42\n", "scalar.yaml"))
+    assert "got int" in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "config file not found" in _config_error(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rigid: !!python/object:os.system\n  x: 1\n",
+        "!!python/object/apply:os.system ['echo owned > owned.txt']\n",
+        "io: !!python/name:os.getcwd ''\n",
+    ],
+)
+def test_python_tags_are_refused(tmp_path: Path, text: str) -> None:
+    msg = _config_error(_write(tmp_path, text))
+    assert "not valid YAML" in msg
+    assert "could not determine a constructor" in msg
+    assert not (tmp_path / "owned.txt").exists()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_config_prints_effective_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "rigid:\n  ratio: 0.65\n")
+    assert main(["config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    data = yaml.safe_load(out)
+    expected = Config().model_dump(mode="json")
+    expected["rigid"]["ratio"] = 0.65
+    assert data == expected
+
+
+def test_cli_config_bad_file_subprocess(tmp_path: Path) -> None:
+    path = _write(tmp_path, "rigid:\n  ratioo: 0.5\n", "bad.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsireg_flow.cli", "config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"wsireg-flow: error: {path}: invalid configuration: unknown key 'rigid.ratioo'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("rigid: [1, 2\n", "not valid YAML"),
+        ("- a\n", "must be a mapping"),
+        ("nonrigid:\n  tile: 256\n  overlap: 200\n", "overlap must be less than half"),
+    ],
+)
+def test_cli_config_errors_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, problem: str
+) -> None:
+    path = _write(tmp_path, text)
+    assert main(["config", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"wsireg-flow: error: {path}: ")
+    assert problem in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_cli_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "nope.yaml"
+    assert main(["config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"wsireg-flow: error: {path}: config file not found\n"

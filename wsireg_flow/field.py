@@ -1,0 +1,248 @@
+"""Dense displacement fields: tiling, blending, composition, inversion, checks, storage.
+
+Conventions
+-----------
+* A field is a float32 array of shape (2, H, W): component 0 is the y (row) displacement and
+  component 1 the x (column) displacement, in pixels of the grid it lives on unless stated.
+* Grid node (i, j) sits at level-0 coordinate (x, y) = (origin + j * spacing, origin + i *
+  spacing); for a pyramid level with downsample d, spacing = d and origin = 0.5 d - 0.5.
+* A backward residual r maps a target grid point x to x + r(x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zarr
+
+from wsireg_flow.errors import InputError
+
+Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open, in grid pixels
+
+
+def tile_boxes(shape: tuple[int, int], tile: int, overlap: int) -> list[Box]:
+    """Overlapping tiles covering a (H, W) grid: stride ``tile - overlap``, last tile flush.
+
+    Tiles are ``tile`` px square (smaller only when the grid is), as (y0, x0, y1, x1).
+    """
+    if overlap * 2 >= tile:
+        raise ValueError("overlap must be less than half the tile size")
+
+    def starts(n: int) -> list[int]:
+        if n <= tile:
+            return [0]
+        step = tile - overlap
+        s = list(range(0, n - tile, step))
+        s.append(n - tile)
+        return s
+
+    h, w = shape
+    return [
+        (y0, x0, min(h, y0 + tile), min(w, x0 + tile)) for y0 in starts(h) for x0 in starts(w)
+    ]
+
+
+def blend_window(box: Box, shape: tuple[int, int], overlap: int) -> np.ndarray:
+    """(h, w) weights of one tile: linear ramps over the overlap, 1 at grid borders.
+
+    For tiles from :func:`tile_boxes` the ramps of neighbours add up to one across overlaps
+    only approximately (the last tile's overlap can be larger); :func:`stitch` divides by the
+    summed weights, so the blend always sums to one.
+    """
+    y0, x0, y1, x1 = box
+
+    def ramp(n: int, at_start: bool, at_end: bool) -> np.ndarray:
+        r = np.ones(n, np.float32)
+        if overlap > 0:
+            k = np.arange(n, dtype=np.float32)
+            up = (k + 0.5) / overlap
+            down = (n - k - 0.5) / overlap
+            if not at_start:
+                r = np.minimum(r, up)
+            if not at_end:
+                r = np.minimum(r, down)
+        return np.clip(r, 1e-3, 1.0)
+
+    wy = ramp(y1 - y0, y0 == 0, y1 == shape[0])
+    wx = ramp(x1 - x0, x0 == 0, x1 == shape[1])
+    return np.outer(wy, wx)
+
+
+def stitch(
+    fields: Sequence[np.ndarray | None],
+    weights: Sequence[np.ndarray | None],
+    boxes: Sequence[Box],
+    shape: tuple[int, int],
+    smooth_sigma: float = 0.0,
+    fill_sigma: float = 0.0,
+    prior: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blend tile fields into one (2, H, W) field with weights that sum to one.
+
+    Parameters
+    ----------
+    fields : sequence of (2, h, w) arrays or None
+        Tile residuals (None: tile skipped, it contributes nothing).
+    weights : sequence of (h, w) arrays or None
+        Per-pixel tile weights (blend window x confidence x tissue).
+    boxes : sequence of Box
+        Where each tile sits on the grid.
+    smooth_sigma : float
+        Gaussian sigma (grid px) of the regularisation: normalised convolution
+        G*(w d) / (G*w + prior), so smoothing does not pull the field towards zero next to
+        missing tiles (the weights are rebalanced), while far from any data the residual
+        decays to zero (the coarse transform).
+    fill_sigma : float
+        Extra, wider normalised convolution used only where the blended weight is tiny.
+
+    Returns
+    -------
+    field : (2, H, W) float32
+    weight : (H, W) float32, the summed weight per pixel (0 where no tile contributed)
+    """
+    num = np.zeros((2, *shape), np.float64)
+    den = np.zeros(shape, np.float64)
+    for f, w, (y0, x0, y1, x1) in zip(fields, weights, boxes, strict=True):
+        if f is None or w is None:
+            continue
+        num[:, y0:y1, x0:x1] += f * w
+        den[y0:y1, x0:x1] += w
+    if smooth_sigma > 0:
+        num = np.stack([_gauss(c, smooth_sigma) for c in num])
+        den_s = _gauss(den, smooth_sigma)
+    else:
+        den_s = den
+    out = num / np.maximum(den_s + prior, 1e-12)
+    if fill_sigma > 0:
+        wide_den = _gauss(den_s, fill_sigma)
+        wide = np.stack([_gauss(c, fill_sigma) for c in num]) / (wide_den + prior)
+        blend = np.clip(den_s / 0.05, 0, 1)
+        out = blend * out + (1 - blend) * wide
+    return out.astype(np.float32), den.astype(np.float32)
+
+
+def _gauss(a: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a (2, H, W) field at grid coordinates (ys, xs); edge-clamped."""
+    mx, my = xs.astype(np.float32), ys.astype(np.float32)
+    return np.stack(
+        [
+            cv2.remap(field[k], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            for k in range(2)
+        ]
+    )
+
+
+def compose_residual(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Residual of x -> x + inner(x) followed by the map of ``outer``: inner + outer(x + inner).
+
+    Both (2, H, W) on the same grid, in grid pixels.
+    """
+    h, w = inner.shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return inner + sample(outer, yy + inner[0], xx + inner[1])
+
+
+def invert(field: np.ndarray, iterations: int = 30, tol: float = 1e-3) -> np.ndarray:
+    """Inverse residual s with (x + s(x)) + r(x + s(x)) = x, by fixed-point iteration.
+
+    Converges when the field is a contraction (|grad r| < 1), true for smooth residuals.
+    """
+    h, w = field.shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    inv = -field.copy()
+    for _ in range(iterations):
+        new = -sample(field, yy + inv[0], xx + inv[1])
+        delta = float(np.abs(new - inv).max())
+        inv = new
+        if delta < tol:
+            break
+    return inv
+
+
+def invert_points(field: np.ndarray, points_yx: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Solve x + r(x) = p for (N, 2) grid points p given as (y, x); returns x as (y, x)."""
+    p = np.asarray(points_yx, np.float32)
+    x = p.copy()
+    for _ in range(iterations):
+        r = sample(field, x[:, 0][None], x[:, 1][None])[:, 0, :].T
+        x = p - r
+    return x
+
+
+def resize_field(field: np.ndarray, shape: tuple[int, int], factor: float) -> np.ndarray:
+    """Resample a (2, H, W) residual to a grid ``factor`` times finer (shape given), scaling
+    the vectors by ``factor``. Pixel centres are aligned: fine u = (coarse u + 0.5) f - 0.5.
+    """
+    h, w = shape
+    ys = (np.arange(h, dtype=np.float32) + 0.5) / factor - 0.5
+    xs = (np.arange(w, dtype=np.float32) + 0.5) / factor - 0.5
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return sample(field, yy, xx) * np.float32(factor)
+
+
+def jacobian_determinant(field: np.ndarray) -> np.ndarray:
+    """det(I + grad r) per grid pixel of a residual (2, H, W); <= 0 marks folding."""
+    dy_dy, dy_dx = np.gradient(field[0])
+    dx_dy, dx_dx = np.gradient(field[1])
+    return (1 + dy_dy) * (1 + dx_dx) - dy_dx * dx_dy
+
+
+@dataclass
+class StoredField:
+    """A displacement field on a grid with level-0 spacing/origin, as saved on disk."""
+
+    data: np.ndarray  # (2, H, W) float32, displacements in level-0 pixels
+    spacing: float  # level-0 pixels per grid pixel
+    origin: float  # level-0 coordinate of grid node 0 (same for x and y)
+    meta: dict[str, object]
+
+
+def save_field(path: str | os.PathLike[str], f: StoredField) -> None:
+    """Write a field as a Zarr (format 2) array with spacing/origin/meta in its attributes."""
+    arr = zarr.create_array(
+        str(path),
+        shape=f.data.shape,
+        chunks=(2, 1024, 1024),
+        dtype="float32",
+        zarr_format=2,
+        overwrite=True,
+    )
+    arr[...] = f.data.astype(np.float32)
+    arr.attrs.update(
+        json.loads(
+            json.dumps(
+                {
+                    "axes": ["component(dy,dx)", "y", "x"],
+                    "units": "level-0 pixels",
+                    "spacing": f.spacing,
+                    "origin": f.origin,
+                    **f.meta,
+                }
+            )
+        )
+    )
+
+
+def load_field(path: str | os.PathLike[str]) -> StoredField:
+    """Read a field written by :func:`save_field`."""
+    p = Path(path)
+    try:
+        arr = zarr.open_array(str(p), mode="r")
+        attrs = dict(arr.attrs)
+        data = np.asarray(arr[...], dtype=np.float32)
+        spacing, origin = float(attrs.pop("spacing")), float(attrs.pop("origin"))
+    except Exception as exc:
+        raise InputError(f"not a readable displacement field ({type(exc).__name__}: {exc})", p) from exc
+    if data.ndim != 3 or data.shape[0] != 2:
+        raise InputError(f"displacement field must be (2, H, W), got {data.shape}", p)
+    return StoredField(data, spacing, origin, attrs)
