@@ -6,6 +6,8 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,9 @@ import zarr
 from ome_zarr_models.v04.image import Image
 
 from wsireg_flow.cli import main
-from wsireg_flow.io.slide import open_slide
+from wsireg_flow.errors import InputError
+from wsireg_flow.io.omezarr import ingest
+from wsireg_flow.io.slide import Slide, open_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 CMU = ROOT / "data" / "wsi" / "CMU-1-Small-Region.svs"
@@ -308,3 +312,44 @@ def test_installed_script_reports_missing_input(tmp_path: Path) -> None:
     assert proc.stderr == f"wsireg-flow: error: {src}: file not found\n"
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+class _FlakyLevel:
+    """A (y, x, c) level whose chunk at row 64 fails while other (slow) reads are in flight."""
+
+    shape = (256, 256, 3)
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.slow_started = threading.Event()
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        ys, xs, _ = key
+        if ys.start == 64 and xs.start == 64:
+            self.slow_started.wait(timeout=5)
+            raise OSError("simulated decoder failure")
+        with self.lock:
+            self.in_flight += 1
+        self.slow_started.set()
+        time.sleep(0.3)
+        with self.lock:
+            self.in_flight -= 1
+        return np.full((ys.stop - ys.start, xs.stop - xs.start, 3), 7, np.uint8)
+
+
+def test_failed_ingest_waits_for_running_reads_and_leaves_nothing(tmp_path: Path) -> None:
+    level = _FlakyLevel()
+    slide = Slide(tmp_path / "fake.svs", [level], None, "tiff", "fake")
+    out = tmp_path / "out" / "fake.zarr"
+    with pytest.raises(InputError) as exc:
+        ingest(slide, out, chunk=64, max_side=64)
+    # no read of the slide may still be running once ingest has raised (the caller closes it)
+    assert level.in_flight == 0
+    assert "simulated decoder failure" in str(exc.value)
+    assert str(tmp_path / "fake.svs") in str(exc.value)
+    time.sleep(0.5)  # a straggling writer would re-create the partial directory by now
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []

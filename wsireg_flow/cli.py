@@ -77,15 +77,25 @@ def cmd_register(args: argparse.Namespace) -> int:
         cfg.dask.scheduler = args.scheduler
     with dask_scheduler(cfg.dask) as scheduler:
         metrics = run_pair(
-            args.target, args.source, args.out, cfg,
-            target_landmarks=args.target_landmarks, source_landmarks=args.source_landmarks,
-            scheduler=scheduler, overwrite=args.overwrite, progress=_progress(args),
+            args.target,
+            args.source,
+            args.out,
+            cfg,
+            target_landmarks=args.target_landmarks,
+            source_landmarks=args.source_landmarks,
+            scheduler=scheduler,
+            overwrite=args.overwrite,
+            progress=_progress(args),
         )
     summary = {"out": str(args.out), "rigid": metrics["rigid"]["method"]}
     if "landmarks" in metrics:
         lm = metrics["landmarks"]
-        summary.update({k: round(lm[k], 5) for k in
-                        ("initial_median_rtre", "median_rtre", "max_rtre", "robustness")})
+        summary.update(
+            {
+                k: round(lm[k], 5)
+                for k in ("initial_median_rtre", "median_rtre", "max_rtre", "robustness")
+            }
+        )
     print(json.dumps(summary))
     return 0
 
@@ -122,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="Run directory to create.")
     p.add_argument("--target-landmarks", type=Path, default=None, help="ANHIR CSV (x, y).")
     p.add_argument("--source-landmarks", type=Path, default=None, help="ANHIR CSV (x, y).")
-    p.add_argument("--scheduler", default=None,
-                   help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).",
+    )
     p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
     _add_common(p)

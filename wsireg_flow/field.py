@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import zarr
+from scipy import ndimage as ndi
 
 from wsireg_flow.errors import InputError
 
@@ -43,9 +44,7 @@ def tile_boxes(shape: tuple[int, int], tile: int, overlap: int) -> list[Box]:
         return s
 
     h, w = shape
-    return [
-        (y0, x0, min(h, y0 + tile), min(w, x0 + tile)) for y0 in starts(h) for x0 in starts(w)
-    ]
+    return [(y0, x0, min(h, y0 + tile), min(w, x0 + tile)) for y0 in starts(h) for x0 in starts(w)]
 
 
 def blend_window(box: Box, shape: tuple[int, int], overlap: int) -> np.ndarray:
@@ -128,18 +127,60 @@ def stitch(
 
 
 def _gauss(a: np.ndarray, sigma: float) -> np.ndarray:
-    return cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    """Gaussian blur; wide kernels run on a grid reduced by ~sigma/4 and are upsampled back."""
+    a = a.astype(np.float32, copy=False)
+    factor = int(sigma // 4)
+    if factor < 2 or min(a.shape) < 4 * factor:
+        return cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    h, w = a.shape
+    small = cv2.resize(a, (-(-w // factor), -(-h // factor)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / factor, borderType=cv2.BORDER_REFLECT)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Bilinear samples of a (2, H, W) field at grid coordinates (ys, xs); edge-clamped."""
-    mx, my = xs.astype(np.float32), ys.astype(np.float32)
-    return np.stack(
-        [
-            cv2.remap(field[k], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            for k in range(2)
-        ]
-    )
+    """Bilinear samples of a (2, H, W) field at grid coordinates (ys, xs); edge-clamped.
+
+    ``ys`` and ``xs`` have any common shape S; the result is (2, *S) float32. Up to 200k
+    samples use exact bilinear weights (scipy); larger grids use ``cv2.remap`` (1/32 px weight
+    quantisation, negligible on smooth fields, much faster).
+    """
+    shape = np.shape(ys)
+    if np.size(ys) <= 200_000:
+        coords = [np.asarray(ys, np.float64).ravel(), np.asarray(xs, np.float64).ravel()]
+        return (
+            np.stack(
+                [ndi.map_coordinates(field[k], coords, order=1, mode="nearest") for k in range(2)]
+            )
+            .astype(np.float32)
+            .reshape(2, *shape)
+        )
+    mx = np.asarray(xs, np.float32).ravel()
+    my = np.asarray(ys, np.float32).ravel()
+    if field.shape[1] >= _CV_MAX or field.shape[2] >= _CV_MAX:
+        raise ValueError(f"field grid {field.shape[1:]} exceeds OpenCV's remap limit")
+    n = mx.size
+    cols = 4096
+    rows = -(-n // cols) if n else 0
+    pad = rows * cols - n
+    mx = np.pad(mx, (0, pad)).reshape(rows, cols) if n else mx.reshape(0, 1)
+    my = np.pad(my, (0, pad)).reshape(rows, cols) if n else my.reshape(0, 1)
+    out = np.empty((2, n), np.float32)
+    for k in range(2):
+        for r0 in range(0, rows, 4096):  # remap output rows must stay below 32767 too
+            part = cv2.remap(
+                np.ascontiguousarray(field[k], dtype=np.float32),
+                mx[r0 : r0 + 4096],
+                my[r0 : r0 + 4096],
+                cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_REPLICATE,
+            )
+            lo = r0 * cols
+            out[k, lo : lo + part.size] = part.ravel()[: max(0, min(part.size, n - lo))]
+    return out.reshape(2, *shape)
+
+
+_CV_MAX = 32767
 
 
 def compose_residual(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
@@ -242,7 +283,9 @@ def load_field(path: str | os.PathLike[str]) -> StoredField:
         data = np.asarray(arr[...], dtype=np.float32)
         spacing, origin = float(attrs.pop("spacing")), float(attrs.pop("origin"))
     except Exception as exc:
-        raise InputError(f"not a readable displacement field ({type(exc).__name__}: {exc})", p) from exc
+        raise InputError(
+            f"not a readable displacement field ({type(exc).__name__}: {exc})", p
+        ) from exc
     if data.ndim != 3 or data.shape[0] != 2:
         raise InputError(f"displacement field must be (2, H, W), got {data.shape}", p)
     return StoredField(data, spacing, origin, attrs)

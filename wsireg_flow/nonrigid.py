@@ -124,7 +124,11 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
     confidence = float(np.clip(after_score, 0.0, 1.0))
     if status != "ok" or confidence < cfg.min_confidence:
         status = status if status != "ok" else "low confidence"
-        return TileResult(job.box, None, None, confidence, tissue, before_score, after_score, status)
+        return TileResult(
+            job.box, None, None, confidence, tissue, before_score, after_score, status
+        )
     soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 4.0)
     weight = blend_window(job.box, job.grid_shape, cfg.overlap) * (0.05 + soft) * confidence
-    return TileResult(job.box, residual, weight, confidence, tissue, before_score, after_score, status)
+    return TileResult(
+        job.box, residual, weight, confidence, tissue, before_score, after_score, status
+    )

@@ -71,8 +71,10 @@ def map_tasks(
     if isinstance(scheduler, str):
         from wsireg_flow.progress import DaskProgress
 
-        tasks = [dask.delayed(fn, pure=False)(item, *args, dask_key_name=f"tile-{k}")
-                 for k, item in enumerate(items)]
+        tasks = [
+            dask.delayed(fn, pure=False)(item, *args, dask_key_name=f"tile-{k}")
+            for k, item in enumerate(items)
+        ]
         if progress is None:
             return list(dask.compute(*tasks, scheduler=scheduler))
         with DaskProgress(progress, stage, prefix="tile-"):

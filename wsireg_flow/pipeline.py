@@ -40,9 +40,13 @@ def ingest_input(
     """Ingest one input for registration (pyramid down to ``io.registration_min_side``)."""
     with open_slide(path, cfg.io.pixel_size_um) as slide:
         return ingest(
-            slide, out, chunk=cfg.io.chunk,
+            slide,
+            out,
+            chunk=cfg.io.chunk,
             max_side=min(cfg.io.pyramid_max_side, cfg.io.registration_min_side),
-            codec=cfg.io.codec, overwrite=True, progress=progress,
+            codec=cfg.io.codec,
+            overwrite=True,
+            progress=progress,
         )
 
 
@@ -109,8 +113,13 @@ def _preview(slide: Slide, size: int) -> tuple[np.ndarray, float]:
 
 
 def qc_figures(
-    target: Slide, source: Slide, warped: Slide, reg: Registration, qc_dir: Path,
-    landmarks: tuple[np.ndarray, np.ndarray] | None = None, size: int = 1024,
+    target: Slide,
+    source: Slide,
+    warped: Slide,
+    reg: Registration,
+    qc_dir: Path,
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+    size: int = 1024,
 ) -> list[Path]:
     """Overlays before/after, checkerboard and tile confidence maps as PNGs."""
     t_img, dt = _preview(target, size)
@@ -128,16 +137,23 @@ def qc_figures(
     paths = [
         save_figure(
             qc_dir / "overlay.png",
-            [("before (target red, source green)", overlay(t_img, before)),
-             ("after", overlay(t_img, w_img))],
-            "Registration overlay" + (" with landmarks: arrows end at the target" if arrows else ""),
+            [
+                ("before (target red, source green)", overlay(t_img, before)),
+                ("after", overlay(t_img, w_img)),
+            ],
+            "Registration overlay"
+            + (" with landmarks: arrows end at the target" if arrows else ""),
             arrows,
         ),
-        save_figure(qc_dir / "checkerboard.png", [("checkerboard after", checkerboard(t_img, w_img))]),
+        save_figure(
+            qc_dir / "checkerboard.png", [("checkerboard after", checkerboard(t_img, w_img))]
+        ),
     ]
     if reg.levels:
-        panels = [(f"level {lv.target_level} tile confidence", np.nan_to_num(lv.confidence_map, nan=0.0))
-                  for lv in reg.levels]
+        panels = [
+            (f"level {lv.target_level} tile confidence", np.nan_to_num(lv.confidence_map, nan=0.0))
+            for lv in reg.levels
+        ]
         paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
     return paths
 
@@ -171,8 +187,13 @@ def run_pair(
         reg = register_slides(target, source, cfg, scheduler=scheduler, progress=progress)
         reg.transform.save(tmp / "transform")
         warped_path = warp_slide(
-            reg.transform, source, tmp / "warped.zarr", target.pixel_size_um,
-            chunk=cfg.io.chunk, max_side=cfg.io.pyramid_max_side, codec=cfg.io.codec,
+            reg.transform,
+            source,
+            tmp / "warped.zarr",
+            target.pixel_size_um,
+            chunk=cfg.io.chunk,
+            max_side=cfg.io.pyramid_max_side,
+            codec=cfg.io.codec,
             progress=progress,
         )
         metrics = registration_metrics(reg)

@@ -12,10 +12,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from wsireg_flow.tissue import optical_density  # noqa: E402
+from wsireg_flow.tissue import optical_density
 
 
 def _gray(rgb: np.ndarray) -> np.ndarray:
@@ -57,8 +57,17 @@ def save_figure(
         ax.axis("off")
         if points and points[i] is not None:
             a, b = points[i]
-            ax.quiver(a[:, 0], a[:, 1], b[:, 0] - a[:, 0], b[:, 1] - a[:, 1], color="cyan",
-                      angles="xy", scale_units="xy", scale=1, width=0.003)
+            ax.quiver(
+                a[:, 0],
+                a[:, 1],
+                b[:, 0] - a[:, 0],
+                b[:, 1] - a[:, 1],
+                color="cyan",
+                angles="xy",
+                scale_units="xy",
+                scale=1,
+                width=0.003,
+            )
             ax.plot(b[:, 0], b[:, 1], "o", ms=2, color="yellow")
     if title:
         fig.suptitle(title)

@@ -158,20 +158,33 @@ def register_slides(
             else resize_field(residual, shape, prev_d / dt)  # type: ignore[operator]
         )
         a_k = rescale_affine(affine0, dt, ds)
-        mask_k = cv2.resize(tp.mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+        mask_k = (
+            cv2.resize(
+                tp.mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
+            )
+            > 0
+        )
         boxes = tile_boxes(shape, cfg.nonrigid.tile, cfg.nonrigid.overlap)
         jobs = [
             _job(target, lt, source, ls, box, shape, r_k, a_k, mask_k, tp.stats, sp.stats)
             for box in boxes
         ]
         results: list[TileResult] = map_tasks(
-            register_tile, jobs, cfg.nonrigid,
-            scheduler=scheduler, progress=progress, stage=f"non-rigid level {lt} tiles",
+            register_tile,
+            jobs,
+            cfg.nonrigid,
+            scheduler=scheduler,
+            progress=progress,
+            stage=f"non-rigid level {lt} tiles",
         )
         sigma = cfg.nonrigid.smooth_sigma
         d, _ = stitch(
-            [r.residual for r in results], [r.weight for r in results], boxes, shape,
-            smooth_sigma=sigma, fill_sigma=cfg.nonrigid.tile / 4,
+            [r.residual for r in results],
+            [r.weight for r in results],
+            boxes,
+            shape,
+            smooth_sigma=sigma,
+            fill_sigma=cfg.nonrigid.tile / 4,
         )
         residual = compose_residual(r_k, d)
         prev_d = dt
@@ -183,37 +196,65 @@ def register_slides(
     if residual is not None and prev_d is not None:
         origin = 0.5 * prev_d - 0.5
         inv = invert(residual)
-        backward = StoredField(residual * np.float32(prev_d), prev_d, origin, {"direction": "backward"})
+        backward = StoredField(
+            residual * np.float32(prev_d), prev_d, origin, {"direction": "backward"}
+        )
         inverse = StoredField(inv * np.float32(prev_d), prev_d, origin, {"direction": "inverse"})
     timings["invert"] = time.perf_counter() - t2
     transform = Transform(
-        affine0, backward, inverse,
-        tuple(target.shapes[0][:2]), tuple(source.shapes[0][:2]),  # type: ignore[arg-type]
+        affine0,
+        backward,
+        inverse,
+        tuple(target.shapes[0][:2]),
+        tuple(source.shapes[0][:2]),  # type: ignore[arg-type]
         {"rigid_method": rigid.method, "rigid_flipped": rigid.flipped},
     )
     return Registration(transform, rigid, reports, timings)
 
 
 def _job(
-    target: Slide, lt: int, source: Slide, ls: int, box: tuple[int, int, int, int],
-    shape: tuple[int, int], r_k: np.ndarray, a_k: np.ndarray, mask_k: np.ndarray,
-    t_stats: IntensityStats, s_stats: IntensityStats,
+    target: Slide,
+    lt: int,
+    source: Slide,
+    ls: int,
+    box: tuple[int, int, int, int],
+    shape: tuple[int, int],
+    r_k: np.ndarray,
+    a_k: np.ndarray,
+    mask_k: np.ndarray,
+    t_stats: IntensityStats,
+    s_stats: IntensityStats,
 ) -> TileJob:
     y0, x0, y1, x1 = box
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     px = xs + r_k[1, y0:y1, x0:x1]
     py = ys + r_k[0, y0:y1, x0:x1]
     a = a_k.astype(np.float32)
-    map_xy = np.stack([a[0, 0] * px + a[0, 1] * py + a[0, 2], a[1, 0] * px + a[1, 1] * py + a[1, 2]])
+    map_xy = np.stack(
+        [a[0, 0] * px + a[0, 1] * py + a[0, 2], a[1, 0] * px + a[1, 1] * py + a[1, 2]]
+    )
     return TileJob(
-        str(target.path), lt, str(source.path), ls, box, shape, map_xy,
-        mask_k[y0:y1, x0:x1].copy(), t_stats, s_stats,
+        str(target.path),
+        lt,
+        str(source.path),
+        ls,
+        box,
+        shape,
+        map_xy,
+        mask_k[y0:y1, x0:x1].copy(),
+        t_stats,
+        s_stats,
     )
 
 
 def _report(
-    lt: int, ls: int, shape: tuple[int, int], results: list[TileResult], residual: np.ndarray,
-    mask: np.ndarray, seconds: float,
+    lt: int,
+    ls: int,
+    shape: tuple[int, int],
+    results: list[TileResult],
+    residual: np.ndarray,
+    mask: np.ndarray,
+    seconds: float,
 ) -> LevelReport:
     statuses: dict[str, int] = {}
     for r in results:
@@ -228,6 +269,14 @@ def _report(
     jac = jacobian_determinant(residual)
     fold = float((jac[mask] <= 0).mean()) if mask.any() else 0.0
     return LevelReport(
-        lt, ls, shape, len(results), len(ok), statuses,
-        float(np.mean(ok)) if ok else 0.0, fold, seconds, conf,
+        lt,
+        ls,
+        shape,
+        len(results),
+        len(ok),
+        statuses,
+        float(np.mean(ok)) if ok else 0.0,
+        fold,
+        seconds,
+        conf,
     )

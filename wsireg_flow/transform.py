@@ -68,10 +68,16 @@ class Transform:
         p = np.asarray(points_xy, np.float64).reshape(-1, 2)
         return apply_affine(self.affine, p + self._residual_at(self.backward, p))
 
-    def source_to_target(self, points_xy: np.ndarray) -> np.ndarray:
-        """Map (N, 2) source (x, y) points into the target frame: solve A (x + r(x)) = p."""
+    def source_to_target(self, points_xy: np.ndarray, exact: bool = True) -> np.ndarray:
+        """Map (N, 2) source (x, y) points into the target frame: solve A (x + r(x)) = p.
+
+        ``exact`` solves per point by fixed-point iteration on the backward field; otherwise the
+        stored inverse field is used: q + s(q) with q = A^-1 p (what image warping uses).
+        """
         p = np.asarray(points_xy, np.float64).reshape(-1, 2)
         q = apply_affine(np.linalg.inv(self.affine), p)
+        if not exact:
+            return q + self._residual_at(self.inverse, q)
         if self.backward is None or len(q) == 0:
             return q
         f = self.backward

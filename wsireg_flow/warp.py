@@ -62,8 +62,12 @@ def warp_chunk(
         crop = src.read_region(0, by0, bx0, by1, bx1)
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     res = cv2.remap(
-        np.ascontiguousarray(crop), mx - bx0, my - by0, interp,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=(fill,) * 4,
+        np.ascontiguousarray(crop),
+        mx - bx0,
+        my - by0,
+        interp,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(fill,) * 4,
     )
     if res.ndim == 2:
         res = res[:, :, None]
@@ -109,7 +113,14 @@ def warp_slide(
     """
     level0 = warped_level0(transform, source, chunk, nearest)
     return write_ngff_pyramid(
-        level0, out, pixel_size_um, name="warped", chunk=chunk, max_side=max_side, codec=codec,
-        overwrite=overwrite, progress=progress,
+        level0,
+        out,
+        pixel_size_um,
+        name="warped",
+        chunk=chunk,
+        max_side=max_side,
+        codec=codec,
+        overwrite=overwrite,
+        progress=progress,
         extra_attrs={"source": str(source.path), "warped_into": "target frame"},
     )
