@@ -315,7 +315,7 @@ def test_installed_script_reports_missing_input(tmp_path: Path) -> None:
 
 
 class _FlakyLevel:
-    """A (y, x, c) level whose chunk at row 64 fails while other (slow) reads are in flight."""
+    """A (y, x, c) level whose chunk at (64, 64) fails while another (slow) read is running."""
 
     shape = (256, 256, 3)
     dtype = np.dtype(np.uint8)
@@ -324,20 +324,27 @@ class _FlakyLevel:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.in_flight = 0
-        self.slow_started = threading.Event()
+        self.partner_taken = False
+        # the failing read and the first slow read meet here, so they surely overlap
+        self.meet = threading.Barrier(2, timeout=10)
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         ys, xs, _ = key
+        h, w = (ys.stop or 0) - (ys.start or 0), (xs.stop or 0) - (xs.start or 0)
+        if h <= 0 or w <= 0:  # dask probing for metadata
+            return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)
         if ys.start == 64 and xs.start == 64:
-            self.slow_started.wait(timeout=5)
+            self.meet.wait()
             raise OSError("simulated decoder failure")
         with self.lock:
             self.in_flight += 1
-        self.slow_started.set()
-        time.sleep(0.3)
+            partner, self.partner_taken = not self.partner_taken, True
+        if partner:
+            self.meet.wait()
+            time.sleep(0.3)  # still reading when the failure is raised
         with self.lock:
             self.in_flight -= 1
-        return np.full((ys.stop - ys.start, xs.stop - xs.start, 3), 7, np.uint8)
+        return np.full((h, w, 3), 7, np.uint8)
 
 
 def test_failed_ingest_waits_for_running_reads_and_leaves_nothing(tmp_path: Path) -> None:

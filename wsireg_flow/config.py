@@ -91,10 +91,14 @@ class RigidConfig(_Section):
 class NonrigidConfig(_Section):
     """Tile-wise non-rigid registration, coarse to fine."""
 
-    level_max_sides: list[int] = Field(
-        default_factory=lambda: [1024, 2048, 4096],
-        min_length=1,
-        description="Working levels, coarse to fine, by longest side (px); each refines the last.",
+    max_side: int = Field(
+        4096,
+        ge=64,
+        description="Finest working level: the finest pyramid level whose longest side is at "
+        "most this (px).",
+    )
+    levels: int = Field(
+        2, ge=1, le=6, description="Working levels, coarse to fine, each 2x finer than the last."
     )
     tile: int = Field(512, ge=64, le=4096, description="Tile side (px) at the working level.")
     overlap: int = Field(128, ge=0, description="Overlap (px) between neighbouring tiles.")
@@ -120,8 +124,6 @@ class NonrigidConfig(_Section):
     def _overlap_fits(self) -> NonrigidConfig:
         if self.overlap * 2 >= self.tile:
             raise ValueError("overlap must be less than half the tile size")
-        if sorted(self.level_max_sides) != list(self.level_max_sides):
-            raise ValueError("level_max_sides must go coarse to fine (increasing)")
         return self
 
 

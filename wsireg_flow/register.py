@@ -76,6 +76,15 @@ class Registration:
         }
 
 
+def working_levels(target: Slide, max_side: int, n_levels: int) -> list[int]:
+    """Target pyramid levels to refine on, coarse to fine: the finest level with longest side
+    at most ``max_side`` and up to ``n_levels - 1`` levels above it (fewer if the pyramid ends).
+    """
+    finest = level_for_max_side(target.shapes, max_side)
+    coarsest = min(finest + n_levels - 1, len(target.shapes) - 1)
+    return list(range(coarsest, finest - 1, -1))
+
+
 def matching_source_level(target: Slide, kt: int, source: Slide) -> int:
     """Source level whose physical pixel size is closest to the target's level ``kt``.
 
@@ -142,12 +151,7 @@ def register_slides(
     residual: np.ndarray | None = None  # (2, H, W) in grid px of `prev_d`
     prev_d = None
     reports: list[LevelReport] = []
-    done_levels: set[int] = set()
-    for max_side in cfg.nonrigid.level_max_sides:
-        lt = level_for_max_side(target.shapes, max_side)
-        if lt in done_levels:
-            continue
-        done_levels.add(lt)
+    for lt in working_levels(target, cfg.nonrigid.max_side, cfg.nonrigid.levels):
         t1 = time.perf_counter()
         ls = matching_source_level(target, lt, source)
         dt, ds = target.downsamples[lt], source.downsamples[ls]

@@ -32,6 +32,8 @@ import dask.array as da
 import numcodecs
 import numpy as np
 import zarr
+from dask.system import CPU_COUNT
+from dask.threaded import ContextAwareThreadPoolExecutor
 
 from wsireg_flow.errors import InputError, WsiregError
 from wsireg_flow.io.slide import Slide, _YXCView
@@ -210,12 +212,19 @@ def write_ngff_pyramid(
 
 def _store(src: da.Array, target: zarr.Array, progress: ProgressFn | None, stage: str) -> None:
     stored = da.store(src, target, lock=False, compute=False)
-    if progress is None:
-        dask.compute(stored, scheduler="threads")
-        return
-    prefix = "store-map"
-    with DaskProgress(progress, stage, prefix=prefix):
-        dask.compute(stored, scheduler="threads")
+    # A private pool, shut down (waiting for running tasks) before returning or raising: when
+    # one chunk fails, dask raises at once while other threads still read the slide and write
+    # the output, which would race with closing the slide and removing the partial output.
+    pool = ContextAwareThreadPoolExecutor(CPU_COUNT)
+    try:
+        if progress is None:
+            dask.compute(stored, scheduler="threads", pool=pool)
+            return
+        prefix = "store-map"
+        with DaskProgress(progress, stage, prefix=prefix):
+            dask.compute(stored, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def open_ngff(path: str | os.PathLike[str]) -> Slide:
