@@ -42,13 +42,15 @@ def test_defaults() -> None:
     assert cfg.io.chunk == 1024
     assert cfg.io.pyramid_max_side == 1024
     assert cfg.io.codec == "lz4"
+    assert cfg.io.registration_min_side == 128
     assert cfg.tissue.max_side == 1024
     assert cfg.tissue.min_area_fraction == 0.0005
     assert cfg.rigid.max_side == 1024
     assert cfg.rigid.model == "affine"
     assert cfg.rigid.ratio == 0.8
     assert (cfg.rigid.scale_min, cfg.rigid.scale_max) == (0.5, 2.0)
-    assert cfg.nonrigid.level_max_sides == [1024, 2048]
+    assert (cfg.nonrigid.max_side, cfg.nonrigid.levels) == (4096, 2)
+    assert cfg.nonrigid.smooth_sigma == 2.0
     assert (cfg.nonrigid.tile, cfg.nonrigid.overlap, cfg.nonrigid.margin) == (512, 128, 32)
     assert cfg.dask.scheduler == "threads"
     assert cfg.dask.n_workers is None
@@ -65,10 +67,13 @@ def test_default_yaml_mirrors_config() -> None:
     assert load_config(DEFAULT_YAML) == Config()
 
 
-def test_default_lists_are_not_shared() -> None:
+def test_default_sections_are_not_shared() -> None:
     a, b = Config(), Config()
-    a.nonrigid.level_max_sides.append(4096)
-    assert b.nonrigid.level_max_sides == [1024, 2048]
+    a.rigid.ratio = 0.5
+    a.nonrigid.levels = 3
+    assert b.rigid.ratio == 0.8
+    assert b.nonrigid.levels == 2
+    assert Config().rigid.ratio == 0.8
 
 
 # --------------------------------------------------------------------------- overrides
@@ -146,7 +151,8 @@ def test_two_errors_are_both_named(tmp_path: Path) -> None:
         ("io:\n  codec: gzip\n", "'io.codec'", "'lz4' or 'zstd'"),
         ("rigid:\n  ratio: 1.5\n", "'rigid.ratio'", "less than 1"),
         ("rigid: 5\n", "'rigid'", "valid dictionary"),
-        ("nonrigid:\n  level_max_sides: []\n", "'nonrigid.level_max_sides'", "at least 1"),
+        ("nonrigid:\n  levels: 0\n", "'nonrigid.levels'", "greater than or equal to 1"),
+        ("nonrigid:\n  levels: 7\n", "'nonrigid.levels'", "less than or equal to 6"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
@@ -178,11 +184,6 @@ def test_overlap_must_be_less_than_half_the_tile(tmp_path: Path) -> None:
     # the default overlap (128) does not fit a 256 tile either
     msg = _config_error(_write(tmp_path, "nonrigid:\n  tile: 256\n", "t.yaml"))
     assert "overlap must be less than half the tile size" in msg
-
-
-def test_level_max_sides_must_increase(tmp_path: Path) -> None:
-    msg = _config_error(_write(tmp_path, "nonrigid:\n  level_max_sides: [2048, 1024]\n"))
-    assert "'nonrigid'" in msg and "level_max_sides must go coarse to fine" in msg
 
 
 def test_invalid_yaml(tmp_path: Path) -> None:

@@ -25,6 +25,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML config (see configs/).")
     p.add_argument("--debug", action="store_true", help="Show tracebacks.")
     p.add_argument("--quiet", action="store_true", help="No progress output.")
+    p.add_argument(
+        "--progress", action="store_true", help="Show progress even when stderr is not a terminal."
+    )
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -37,7 +40,10 @@ def _config(args: argparse.Namespace) -> Config:
 def _progress(args: argparse.Namespace):
     from wsireg_flow.progress import StderrProgress
 
-    return None if args.quiet else StderrProgress()
+    # progress goes to an interactive stderr only (or with --progress), so that logs and error
+    # output stay one line per problem
+    show = args.progress or (not args.quiet and sys.stderr.isatty())
+    return StderrProgress() if show else None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -69,25 +75,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from wsireg_flow.parallel import dask_scheduler
-    from wsireg_flow.pipeline import run_pair
+    from wsireg_flow.pipeline import PAIR_STAGES, PairJob, job_is_complete
 
     cfg = _config(args)
     if args.scheduler:
         cfg.dask.scheduler = args.scheduler
-    with dask_scheduler(cfg.dask) as scheduler:
-        metrics = run_pair(
-            args.target,
-            args.source,
-            args.out,
-            cfg,
-            target_landmarks=args.target_landmarks,
-            source_landmarks=args.source_landmarks,
-            scheduler=scheduler,
-            overwrite=args.overwrite,
-            progress=_progress(args),
-        )
-    summary = {"out": str(args.out), "rigid": metrics["rigid"]["method"]}
+    job = PairJob(
+        args.target,
+        args.source,
+        args.out,
+        cfg,
+        target_landmarks=args.target_landmarks,
+        source_landmarks=args.source_landmarks,
+    )
+    if not args.overwrite and job_is_complete(job):
+        # a finished job with unchanged inputs and settings: nothing to orchestrate
+        ran = dict.fromkeys(PAIR_STAGES, False)
+    else:
+        from flows.pair import register_pair
+
+        ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
+    metrics = json.loads((args.out / "metrics.json").read_text())
+    summary: dict[str, object] = {
+        "out": str(args.out),
+        "rigid": metrics["rigid"]["method"],
+        "stages_run": [k for k, v in ran.items() if v],
+    }
     if "landmarks" in metrics:
         lm = metrics["landmarks"]
         summary.update(

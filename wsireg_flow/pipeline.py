@@ -1,20 +1,30 @@
-"""The pair job as stages: ingest, register, warp, landmarks, QC. Flows call these.
+"""The pair job as resumable stages. Flows run each stage as a task; the library runs them in
+order with :func:`run_pair`.
 
 Run directory layout (``DIR``)::
 
-    ingest/target.zarr, ingest/source.zarr   OME-Zarr pyramids of the inputs
-    transform/affine.json, backward.zarr, inverse.zarr
-    warped.zarr                              source warped into the target frame (level 0 up)
-    warped-source-landmarks.csv              source landmarks in the target frame (official)
-    warped-target-landmarks.csv              target landmarks in the source frame
-    metrics.json                             registration diagnostics (+ rTRE when scored)
-    qc/*.png                                 overlays before / after, checkerboard, confidence
+    job.json                                 the job (inputs, landmark files, settings)
+    ingest/target.zarr, ingest/source.zarr   OME-Zarr pyramids of the inputs       [ingest_*]
+    preprocess.npz                           tissue masks + intensity statistics   [preprocess]
+    coarse.json                              coarse affine and its diagnostics      [coarse]
+    nonrigid/tiles.npz, nonrigid/levels.json finest-level tiles, coarser levels     [nonrigid]
+    transform/affine.json, backward.zarr, inverse.zarr                              [stitch]
+    warped.zarr                              source warped into the target frame    [warp]
+    warped-source-landmarks.csv              source landmarks in the target frame   [evaluate]
+    warped-target-landmarks.csv              target landmarks in the source frame   [evaluate]
+    metrics.json                             diagnostics (+ rTRE when scored)       [evaluate]
+    qc/*.png                                 overlays, checkerboard, confidence     [qc]
+    .stages/<stage>.json                     completion markers with fingerprints
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +32,47 @@ import cv2
 import numpy as np
 
 from wsireg_flow.config import Config
+from wsireg_flow.errors import WsiregError
 from wsireg_flow.io.omezarr import atomic_directory, ingest
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
 from wsireg_flow.metrics import score_pair
+from wsireg_flow.nonrigid import TileResult
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.qc import checkerboard, overlay, save_figure
-from wsireg_flow.register import Registration, register_slides
+from wsireg_flow.register import (
+    LevelReport,
+    LevelTiles,
+    Prepared,
+    coarse,
+    finalize,
+    nonrigid,
+    preprocess,
+    stitch_level,
+)
+from wsireg_flow.stages import file_fingerprint, fingerprint, is_complete, run_stage
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
 
-
-def ingest_input(
-    path: str | os.PathLike[str], out: Path, cfg: Config, progress: ProgressFn | None = None
-) -> Path:
-    """Ingest one input for registration (pyramid down to ``io.registration_min_side``)."""
-    with open_slide(path, cfg.io.pixel_size_um) as slide:
-        return ingest(
-            slide,
-            out,
-            chunk=cfg.io.chunk,
-            max_side=min(cfg.io.pyramid_max_side, cfg.io.registration_min_side),
-            codec=cfg.io.codec,
-            overwrite=True,
-            progress=progress,
-        )
+PAIR_STAGES = (
+    "ingest_target",
+    "ingest_source",
+    "preprocess",
+    "coarse",
+    "nonrigid",
+    "stitch",
+    "warp",
+    "evaluate",
+    "qc",
+)
 
 
+# -- small atomic writers ----------------------------------------------------------------------
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_default))
     os.replace(tmp, path)
 
@@ -65,11 +85,332 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
-def registration_metrics(reg: Registration) -> dict[str, Any]:
-    """Diagnostics of a registration: rigid fit, per-level tiles and folding, timings."""
-    out = reg.summary()
-    out["folding_fraction"] = max((lv.folding_fraction for lv in reg.levels), default=0.0)
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, path)
+
+
+# -- (de)serialising stage state ---------------------------------------------------------------
+def _report_to_dict(r: LevelReport) -> dict[str, Any]:
+    d = {k: v for k, v in vars(r).items() if k != "confidence_map"}
+    d["confidence_map"] = np.where(np.isnan(r.confidence_map), None, r.confidence_map).tolist()
+    return d
+
+
+def _report_from_dict(d: dict[str, Any]) -> LevelReport:
+    d = dict(d)
+    conf = np.array(
+        [[np.nan if v is None else v for v in row] for row in d.pop("confidence_map")], np.float32
+    )
+    d["shape"] = tuple(d["shape"])
+    return LevelReport(**d, confidence_map=conf)
+
+
+def save_tiles(path: Path, t: LevelTiles) -> None:
+    arrays: dict[str, np.ndarray] = {"prior": t.prior, "mask": t.mask}
+    meta = {
+        "target_level": t.target_level,
+        "source_level": t.source_level,
+        "shape": t.shape,
+        "downsample": t.downsample,
+        "seconds": t.seconds,
+        "tiles": [],
+    }
+    for i, r in enumerate(t.results):
+        if r.residual is not None and r.weight is not None:
+            arrays[f"residual_{i}"], arrays[f"weight_{i}"] = r.residual, r.weight
+        meta["tiles"].append(
+            {
+                "box": r.box,
+                "confidence": r.confidence,
+                "tissue": r.tissue,
+                "ncc_before": r.ncc_before,
+                "ncc_after": r.ncc_after,
+                "status": r.status,
+            }
+        )
+    arrays["meta"] = np.frombuffer(json.dumps(meta, default=_default).encode(), np.uint8)
+    _save_npz(path, **arrays)
+
+
+def load_tiles(path: Path) -> LevelTiles:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        results = []
+        for i, m in enumerate(meta["tiles"]):
+            res = z[f"residual_{i}"] if f"residual_{i}" in z else None
+            w = z[f"weight_{i}"] if f"weight_{i}" in z else None
+            results.append(
+                TileResult(
+                    tuple(m["box"]),
+                    res,
+                    w,
+                    m["confidence"],
+                    m["tissue"],  # type: ignore[arg-type]
+                    m["ncc_before"],
+                    m["ncc_after"],
+                    m["status"],
+                )
+            )
+        return LevelTiles(
+            meta["target_level"],
+            meta["source_level"],
+            tuple(meta["shape"]),  # type: ignore[arg-type]
+            meta["downsample"],
+            z["prior"],
+            z["mask"],
+            results,
+            meta["seconds"],
+        )
+
+
+# -- the job -------------------------------------------------------------------------------------
+@dataclass
+class PairJob:
+    """One pair registration: inputs, settings, run directory."""
+
+    target: Path
+    source: Path
+    run_dir: Path
+    cfg: Config
+    target_landmarks: Path | None = None
+    source_landmarks: Path | None = None
+    diagonal: float | None = None
+    _fps: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": str(self.target),
+            "source": str(self.source),
+            "target_landmarks": None
+            if self.target_landmarks is None
+            else str(self.target_landmarks),
+            "source_landmarks": None
+            if self.source_landmarks is None
+            else str(self.source_landmarks),
+            "diagonal": self.diagonal,
+        }
+
+    def fingerprints(self) -> dict[str, str]:
+        """Chained fingerprint of every stage (inputs + the settings each stage reads)."""
+        if self._fps:
+            return self._fps
+        c = self.cfg
+        io = c.io.model_dump(mode="json")
+        f: dict[str, str] = {}
+        f["ingest_target"] = fingerprint("ingest", file_fingerprint(self.target), io)
+        f["ingest_source"] = fingerprint("ingest", file_fingerprint(self.source), io)
+        f["preprocess"] = fingerprint(
+            "preprocess",
+            f["ingest_target"],
+            f["ingest_source"],
+            c.tissue.model_dump(mode="json"),
+            c.rigid.max_side,
+        )
+        f["coarse"] = fingerprint("coarse", f["preprocess"], c.rigid.model_dump(mode="json"))
+        nr = c.nonrigid.model_dump(mode="json")
+        stitch_keys = {"smooth_sigma": nr.pop("smooth_sigma")}
+        f["nonrigid"] = fingerprint("nonrigid", f["coarse"], nr)
+        f["stitch"] = fingerprint("stitch", f["nonrigid"], stitch_keys)
+        f["warp"] = fingerprint("warp", f["stitch"], io)
+        f["evaluate"] = fingerprint(
+            "evaluate",
+            f["stitch"],
+            file_fingerprint(self.target_landmarks),
+            file_fingerprint(self.source_landmarks),
+            self.diagonal,
+        )
+        f["qc"] = fingerprint("qc", f["warp"], f["evaluate"])
+        self._fps = f
+        return f
+
+    # convenience openers
+    def slide(self, which: str) -> Slide:
+        return open_slide(self.run_dir / "ingest" / f"{which}.zarr")
+
+
+def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
+    """Create the run directory, or check that an existing one holds the same job.
+
+    An existing directory with a different job (other inputs) is refused unless ``overwrite``,
+    which then empties it. The same job resumes: complete stages are skipped.
+    """
+    d = job.run_dir
+    desc = job.describe()
+    job_file = d / "job.json"
+    if d.exists() and any(d.iterdir()):
+        same = job_file.is_file() and _same_job(json.loads(job_file.read_text()), desc)
+        if not same and not overwrite:
+            raise WsiregError(
+                "run directory exists and holds other results (use --overwrite to replace it)", d
+            )
+        if overwrite:
+            shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(job_file, {**desc, "config": job.cfg.model_dump(mode="json")})
+
+
+def _same_job(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return all(old.get(k) == v for k, v in new.items())
+
+
+# -- stage implementations (each returns its outputs, relative to the run directory) ---------
+def stage_ingest(job: PairJob, which: str, progress: ProgressFn | None = None) -> list[str]:
+    path = job.target if which == "target" else job.source
+    out = job.run_dir / "ingest" / f"{which}.zarr"
+    cfg = job.cfg
+    with open_slide(path, cfg.io.pixel_size_um) as slide:
+        ingest(
+            slide,
+            out,
+            chunk=cfg.io.chunk,
+            max_side=min(cfg.io.pyramid_max_side, cfg.io.registration_min_side),
+            codec=cfg.io.codec,
+            overwrite=True,
+            progress=progress,
+        )
+    return [f"ingest/{which}.zarr"]
+
+
+def stage_preprocess(job: PairJob) -> list[str]:
+    pre = preprocess(job.slide("target"), job.slide("source"), job.cfg)
+    path = job.run_dir / "preprocess.npz"
+    tmp = path.with_name(".preprocess.tmp.npz")
+    pre.save(tmp)
+    os.replace(tmp, path)
+    return ["preprocess.npz"]
+
+
+def stage_coarse(job: PairJob) -> list[str]:
+    pre = Prepared.load(job.run_dir / "preprocess.npz")
+    rigid, affine0 = coarse(job.slide("target"), job.slide("source"), pre, job.cfg)
+    write_json(job.run_dir / "coarse.json", {"affine": affine0, "rigid": rigid.to_dict()})
+    return ["coarse.json"]
+
+
+def _affine(job: PairJob) -> tuple[np.ndarray, dict[str, Any]]:
+    d = json.loads((job.run_dir / "coarse.json").read_text())
+    return np.asarray(d["affine"], np.float64), d["rigid"]
+
+
+def stage_nonrigid(
+    job: PairJob, scheduler: Any = "threads", progress: ProgressFn | None = None
+) -> list[str]:
+    pre = Prepared.load(job.run_dir / "preprocess.npz")
+    affine0, _ = _affine(job)
+    tiles, reports = nonrigid(
+        job.slide("target"), job.slide("source"), pre, affine0, job.cfg, scheduler, progress
+    )
+    outputs = ["nonrigid/levels.json"]
+    if tiles is not None:
+        save_tiles(job.run_dir / "nonrigid" / "tiles.npz", tiles)
+        outputs.append("nonrigid/tiles.npz")
+    write_json(
+        job.run_dir / "nonrigid" / "levels.json", {"levels": [_report_to_dict(r) for r in reports]}
+    )
+    return outputs
+
+
+def stage_stitch(job: PairJob) -> list[str]:
+    affine0, rigid = _affine(job)
+    tiles_path = job.run_dir / "nonrigid" / "tiles.npz"
+    residual, downsample, report = None, None, None
+    if tiles_path.is_file():
+        tiles = load_tiles(tiles_path)
+        residual, report = stitch_level(tiles, job.cfg)
+        downsample = tiles.downsample
+    meta = {"rigid_method": rigid["method"], "rigid_flipped": rigid["flipped"]}
+    transform = finalize(
+        affine0, residual, downsample, job.slide("target"), job.slide("source"), meta
+    )
+    with atomic_directory(job.run_dir / "transform", overwrite=True) as tmp:
+        transform.save(tmp)
+    write_json(
+        job.run_dir / "stitch.json", {"level": None if report is None else _report_to_dict(report)}
+    )
+    return ["transform", "stitch.json"]
+
+
+def stage_warp(job: PairJob, progress: ProgressFn | None = None) -> list[str]:
+    cfg = job.cfg
+    target = job.slide("target")
+    warp_slide(
+        Transform.load(job.run_dir / "transform"),
+        job.slide("source"),
+        job.run_dir / "warped.zarr",
+        target.pixel_size_um,
+        chunk=cfg.io.chunk,
+        max_side=cfg.io.pyramid_max_side,
+        codec=cfg.io.codec,
+        overwrite=True,
+        progress=progress,
+    )
+    return ["warped.zarr"]
+
+
+def level_reports(job: PairJob) -> list[LevelReport]:
+    levels = json.loads((job.run_dir / "nonrigid" / "levels.json").read_text())["levels"]
+    final = json.loads((job.run_dir / "stitch.json").read_text())["level"]
+    return [_report_from_dict(d) for d in [*levels, *([final] if final else [])]]
+
+
+def stage_evaluate(job: PairJob) -> list[str]:
+    transform = Transform.load(job.run_dir / "transform")
+    _, rigid = _affine(job)
+    reports = level_reports(job)
+    metrics: dict[str, Any] = {
+        "inputs": job.describe(),
+        "rigid": rigid,
+        "levels": [
+            {k: v for k, v in _report_to_dict(r).items() if k != "confidence_map"} for r in reports
+        ],
+        "folding_fraction": max((r.folding_fraction for r in reports), default=0.0),
+        "stage_seconds": _stage_seconds(job.run_dir),
+    }
+    outputs = ["metrics.json"]
+    for name in ("warped-source-landmarks.csv", "warped-target-landmarks.csv"):
+        (job.run_dir / name).unlink(missing_ok=True)
+    scores = landmark_outputs(
+        transform, job.run_dir, job.target_landmarks, job.source_landmarks, job.diagonal
+    )
+    if job.source_landmarks:
+        outputs.append("warped-source-landmarks.csv")
+    if job.target_landmarks:
+        outputs.append("warped-target-landmarks.csv")
+    if scores is not None:
+        metrics["landmarks"] = scores
+    write_json(job.run_dir / "metrics.json", metrics)
+    return outputs
+
+
+def _stage_seconds(run_dir: Path) -> dict[str, float]:
+    out = {}
+    for m in sorted((run_dir / ".stages").glob("*.json")):
+        try:
+            out[m.stem] = json.loads(m.read_text())["seconds"]
+        except (ValueError, KeyError):
+            continue
     return out
+
+
+def stage_qc(job: PairJob) -> list[str]:
+    transform = Transform.load(job.run_dir / "transform")
+    pts = None
+    if job.target_landmarks and job.source_landmarks:
+        pts = paired(read_landmarks(job.target_landmarks), read_landmarks(job.source_landmarks))
+    paths = qc_figures(
+        job.slide("target"),
+        job.slide("source"),
+        open_slide(job.run_dir / "warped.zarr"),
+        transform,
+        level_reports(job),
+        job.run_dir / "qc",
+        pts,
+    )
+    return [str(p.relative_to(job.run_dir)) for p in paths]
 
 
 def landmark_outputs(
@@ -116,7 +457,8 @@ def qc_figures(
     target: Slide,
     source: Slide,
     warped: Slide,
-    reg: Registration,
+    transform: Transform,
+    reports: Sequence[LevelReport],
     qc_dir: Path,
     landmarks: tuple[np.ndarray, np.ndarray] | None = None,
     size: int = 1024,
@@ -132,7 +474,7 @@ def qc_figures(
     arrows = None
     if landmarks is not None:
         t_pts, s_pts = landmarks
-        warped_pts = reg.transform.source_to_target(s_pts)
+        warped_pts = transform.source_to_target(s_pts)
         arrows = [(s_pts / ds, t_pts / dt), (warped_pts / dt, t_pts / dt)]
     paths = [
         save_figure(
@@ -149,61 +491,77 @@ def qc_figures(
             qc_dir / "checkerboard.png", [("checkerboard after", checkerboard(t_img, w_img))]
         ),
     ]
-    if reg.levels:
+    if reports:
         panels = [
-            (f"level {lv.target_level} tile confidence", np.nan_to_num(lv.confidence_map, nan=0.0))
-            for lv in reg.levels
+            (f"level {r.target_level} tile confidence", np.nan_to_num(r.confidence_map, nan=0.0))
+            for r in reports
         ]
         paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
     return paths
 
 
+# -- running ----------------------------------------------------------------------------------
+def stage_function(
+    job: PairJob, name: str, scheduler: Any = "threads", progress: ProgressFn | None = None
+) -> Callable[[], list[str]]:
+    """The zero-argument callable that performs stage ``name`` of ``job``."""
+    table: dict[str, Callable[[], list[str]]] = {
+        "ingest_target": lambda: stage_ingest(job, "target", progress),
+        "ingest_source": lambda: stage_ingest(job, "source", progress),
+        "preprocess": lambda: stage_preprocess(job),
+        "coarse": lambda: stage_coarse(job),
+        "nonrigid": lambda: stage_nonrigid(job, scheduler, progress),
+        "stitch": lambda: stage_stitch(job),
+        "warp": lambda: stage_warp(job, progress),
+        "evaluate": lambda: stage_evaluate(job),
+        "qc": lambda: stage_qc(job),
+    }
+    return table[name]
+
+
+def run_pair_stage(
+    job: PairJob, name: str, scheduler: Any = "threads", progress: ProgressFn | None = None
+) -> bool:
+    """Run one stage unless complete with the current fingerprint; True when it ran."""
+    fp = job.fingerprints()[name]
+    return run_stage(job.run_dir, name, fp, stage_function(job, name, scheduler, progress))
+
+
+def check_inputs(job: PairJob) -> None:
+    """Fail early, before any work, on missing inputs or bad landmark files."""
+    for p in (job.target, job.source):
+        if not Path(p).exists():
+            raise WsiregError("file not found", p)
+    for lm in (job.target_landmarks, job.source_landmarks):
+        if lm is not None:
+            read_landmarks(lm)
+
+
+def job_is_complete(job: PairJob, stages: Sequence[str] = PAIR_STAGES) -> bool:
+    """True when the run directory holds this job with every stage complete and current.
+
+    Lets callers answer a re-run of a finished job without starting any orchestration.
+    """
+    job_file = job.run_dir / "job.json"
+    if not job_file.is_file():
+        return False
+    try:
+        if not _same_job(json.loads(job_file.read_text()), job.describe()):
+            return False
+        fps = job.fingerprints()
+    except (OSError, ValueError):
+        return False
+    return all(is_complete(job.run_dir, name, fps[name]) for name in stages)
+
+
 def run_pair(
-    target_path: str | os.PathLike[str],
-    source_path: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    cfg: Config,
+    job: PairJob,
     *,
-    target_landmarks: str | os.PathLike[str] | None = None,
-    source_landmarks: str | os.PathLike[str] | None = None,
-    diagonal: float | None = None,
     scheduler: Any = "threads",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Register ``source`` onto ``target`` and write the run directory (see module docstring).
-
-    The directory is built under a temporary name and renamed when complete.
-    Returns the content of ``metrics.json``.
-    """
-    for lm in (target_landmarks, source_landmarks):
-        if lm is not None:
-            read_landmarks(lm)  # fail early, before any work, on a bad landmark file
-    with atomic_directory(Path(out_dir), overwrite) as tmp:
-        tmp.mkdir(parents=True)
-        t_zarr = ingest_input(target_path, tmp / "ingest" / "target.zarr", cfg, progress)
-        s_zarr = ingest_input(source_path, tmp / "ingest" / "source.zarr", cfg, progress)
-        target, source = open_slide(t_zarr), open_slide(s_zarr)
-        reg = register_slides(target, source, cfg, scheduler=scheduler, progress=progress)
-        reg.transform.save(tmp / "transform")
-        warped_path = warp_slide(
-            reg.transform,
-            source,
-            tmp / "warped.zarr",
-            target.pixel_size_um,
-            chunk=cfg.io.chunk,
-            max_side=cfg.io.pyramid_max_side,
-            codec=cfg.io.codec,
-            progress=progress,
-        )
-        metrics = registration_metrics(reg)
-        scores = landmark_outputs(reg.transform, tmp, target_landmarks, source_landmarks, diagonal)
-        if scores is not None:
-            metrics["landmarks"] = scores
-        pts = None
-        if target_landmarks and source_landmarks:
-            pts = paired(read_landmarks(target_landmarks), read_landmarks(source_landmarks))
-        qc_figures(target, source, open_slide(warped_path), reg, tmp / "qc", pts)
-        metrics["inputs"] = {"target": str(target_path), "source": str(source_path)}
-        write_json(tmp / "metrics.json", metrics)
-    return metrics
+) -> dict[str, bool]:
+    """Run every stage of ``job`` in order (no Prefect); returns {stage: ran}."""
+    check_inputs(job)
+    prepare_run_dir(job, overwrite)
+    return {name: run_pair_stage(job, name, scheduler, progress) for name in PAIR_STAGES}

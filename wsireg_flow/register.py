@@ -8,6 +8,7 @@ is at working levels (longest side a few thousand pixels at most), never full re
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,18 +103,217 @@ def _read_level(slide: Slide, level: int) -> np.ndarray:
 
 
 @dataclass
-class _Prepared:
-    stats: IntensityStats
-    mask: np.ndarray  # tissue mask at the rigid level
-    intensity: np.ndarray
+class Prepared:
+    """Preprocessing of a pair at the rigid level (tissue masks, intensity statistics)."""
+
+    target_level: int
+    source_level: int
+    target_mask: np.ndarray  # (y, x) bool at the target rigid level
+    source_mask: np.ndarray
+    target_stats: IntensityStats
+    source_stats: IntensityStats
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        np.savez_compressed(
+            path,
+            levels=np.array([self.target_level, self.source_level]),
+            target_mask=self.target_mask,
+            source_mask=self.source_mask,
+            stats=np.array(
+                [
+                    self.target_stats.low,
+                    self.target_stats.high,
+                    self.source_stats.low,
+                    self.source_stats.high,
+                ]
+            ),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Prepared:
+        with np.load(path, allow_pickle=False) as z:
+            lv, st = z["levels"], z["stats"]
+            return cls(
+                int(lv[0]),
+                int(lv[1]),
+                z["target_mask"].astype(bool),
+                z["source_mask"].astype(bool),
+                IntensityStats(float(st[0]), float(st[1])),
+                IntensityStats(float(st[2]), float(st[3])),
+            )
 
 
-def _prepare(rgb: np.ndarray, cfg: Config, name: str, path: Any) -> _Prepared:
+def _mask_and_stats(rgb: np.ndarray, cfg: Config, name: str, path: Any):
     mask = tissue_mask(rgb, cfg.tissue.min_area_fraction)
     if mask.mean() < cfg.tissue.min_tissue_fraction:
         raise InputError(f"no tissue found in the {name} image", path)
-    stats = intensity_stats(optical_density(rgb), mask)
-    return _Prepared(stats, mask, normalized_intensity(rgb, stats))
+    return mask, intensity_stats(optical_density(rgb), mask)
+
+
+def preprocess(target: Slide, source: Slide, cfg: Config) -> Prepared:
+    """Tissue masks and intensity statistics at the rigid working level of both slides.
+
+    Raises
+    ------
+    InputError
+        When either image shows no tissue.
+    """
+    kt = level_for_max_side(target.shapes, cfg.rigid.max_side)
+    ks = matching_source_level(target, kt, source)
+    tm, ts = _mask_and_stats(_read_level(target, kt), cfg, "target", target.path)
+    sm, ss = _mask_and_stats(_read_level(source, ks), cfg, "source", source.path)
+    return Prepared(kt, ks, tm, sm, ts, ss)
+
+
+def coarse(
+    target: Slide, source: Slide, pre: Prepared, cfg: Config
+) -> tuple[RigidResult, np.ndarray]:
+    """Coarse alignment; returns the result and its level-0 target->source affine (3x3)."""
+    t_int = normalized_intensity(_read_level(target, pre.target_level), pre.target_stats)
+    s_int = normalized_intensity(_read_level(source, pre.source_level), pre.source_stats)
+    rigid = coarse_alignment(t_int, s_int, pre.target_mask, pre.source_mask, cfg.rigid)
+    dt0, ds0 = target.downsamples[pre.target_level], source.downsamples[pre.source_level]
+    return rigid, to_level0_affine(rigid.matrix, dt0, ds0)
+
+
+@dataclass
+class LevelTiles:
+    """Tile results of one working level, before stitching (what the stitch stage consumes)."""
+
+    target_level: int
+    source_level: int
+    shape: tuple[int, int]
+    downsample: float
+    prior: np.ndarray  # (2, H, W) residual carried down from the coarser level (grid px)
+    mask: np.ndarray  # (H, W) target tissue
+    results: list[TileResult]
+    seconds: float
+
+
+def register_level(
+    target: Slide,
+    source: Slide,
+    pre: Prepared,
+    affine0: np.ndarray,
+    lt: int,
+    prior: np.ndarray | None,
+    prior_d: float | None,
+    cfg: Config,
+    scheduler: Any = "threads",
+    progress: ProgressFn | None = None,
+) -> LevelTiles:
+    """Register every tile of target level ``lt`` given the residual of the coarser level."""
+    t1 = time.perf_counter()
+    ls = matching_source_level(target, lt, source)
+    dt, ds = target.downsamples[lt], source.downsamples[ls]
+    shape = (int(target.shapes[lt][0]), int(target.shapes[lt][1]))
+    r_k = (
+        np.zeros((2, *shape), np.float32)
+        if prior is None or prior_d is None
+        else resize_field(prior, shape, prior_d / dt)
+    )
+    a_k = rescale_affine(affine0, dt, ds)
+    mask_k = (
+        cv2.resize(
+            pre.target_mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
+        )
+        > 0
+    )
+    boxes = tile_boxes(shape, cfg.nonrigid.tile, cfg.nonrigid.overlap)
+    jobs = [
+        _job(
+            target, lt, source, ls, box, shape, r_k, a_k, mask_k, pre.target_stats, pre.source_stats
+        )
+        for box in boxes
+    ]
+    results: list[TileResult] = map_tasks(
+        register_tile,
+        jobs,
+        cfg.nonrigid,
+        scheduler=scheduler,
+        progress=progress,
+        stage=f"non-rigid level {lt} tiles",
+    )
+    return LevelTiles(lt, ls, shape, dt, r_k, mask_k, results, time.perf_counter() - t1)
+
+
+def stitch_level(tiles: LevelTiles, cfg: Config) -> tuple[np.ndarray, LevelReport]:
+    """Blend a level's tile residuals, regularise, and compose with the carried-down prior."""
+    t0 = time.perf_counter()
+    d, _ = stitch(
+        [r.residual for r in tiles.results],
+        [r.weight for r in tiles.results],
+        [r.box for r in tiles.results],
+        tiles.shape,
+        smooth_sigma=cfg.nonrigid.smooth_sigma,
+        fill_sigma=cfg.nonrigid.tile / 4,
+    )
+    residual = compose_residual(tiles.prior, d)
+    seconds = tiles.seconds + time.perf_counter() - t0
+    report = _report(
+        tiles.target_level,
+        tiles.source_level,
+        tiles.shape,
+        tiles.results,
+        residual,
+        tiles.mask,
+        seconds,
+    )
+    return residual, report
+
+
+def nonrigid(
+    target: Slide,
+    source: Slide,
+    pre: Prepared,
+    affine0: np.ndarray,
+    cfg: Config,
+    scheduler: Any = "threads",
+    progress: ProgressFn | None = None,
+) -> tuple[LevelTiles | None, list[LevelReport]]:
+    """Coarse-to-fine tile registration; every level but the finest is stitched here.
+
+    Returns the finest level's unstitched tiles (None when there are no working levels) and the
+    reports of the levels already stitched.
+    """
+    levels = working_levels(target, cfg.nonrigid.max_side, cfg.nonrigid.levels)
+    prior, prior_d, reports = None, None, []
+    tiles = None
+    for i, lt in enumerate(levels):
+        tiles = register_level(
+            target, source, pre, affine0, lt, prior, prior_d, cfg, scheduler, progress
+        )
+        if i < len(levels) - 1:
+            prior, report = stitch_level(tiles, cfg)
+            prior_d = tiles.downsample
+            reports.append(report)
+    return tiles, reports
+
+
+def finalize(
+    affine0: np.ndarray,
+    residual: np.ndarray | None,
+    downsample: float | None,
+    target: Slide,
+    source: Slide,
+    meta: dict[str, Any],
+) -> Transform:
+    """Build the Transform: residual to level-0 units, inverse by fixed-point iteration."""
+    backward = inverse = None
+    if residual is not None and downsample is not None:
+        origin = 0.5 * downsample - 0.5
+        inv = invert(residual)
+        scale = np.float32(downsample)
+        backward = StoredField(residual * scale, downsample, origin, {"direction": "backward"})
+        inverse = StoredField(inv * scale, downsample, origin, {"direction": "inverse"})
+    return Transform(
+        affine0,
+        backward,
+        inverse,
+        (int(target.shapes[0][0]), int(target.shapes[0][1])),
+        (int(source.shapes[0][0]), int(source.shapes[0][1])),
+        meta,
+    )
 
 
 def register_slides(
@@ -124,6 +324,9 @@ def register_slides(
     progress: ProgressFn | None = None,
 ) -> Registration:
     """Register ``source`` onto ``target``; returns the transform (target -> source backward).
+
+    The composition of :func:`preprocess`, :func:`coarse`, :func:`nonrigid`,
+    :func:`stitch_level` and :func:`finalize` (the flows run them as separate stages).
 
     Parameters
     ----------
@@ -136,83 +339,24 @@ def register_slides(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    kt = level_for_max_side(target.shapes, cfg.rigid.max_side)
-    ks = matching_source_level(target, kt, source)
-    t_img, s_img = _read_level(target, kt), _read_level(source, ks)
-    tp = _prepare(t_img, cfg, "target", target.path)
-    sp = _prepare(s_img, cfg, "source", source.path)
-    rigid = coarse_alignment(tp.intensity, sp.intensity, tp.mask, sp.mask, cfg.rigid)
-    dt0, ds0 = target.downsamples[kt], source.downsamples[ks]
-    affine0 = to_level0_affine(rigid.matrix, dt0, ds0)
+    pre = preprocess(target, source, cfg)
+    rigid, affine0 = coarse(target, source, pre, cfg)
     timings["coarse"] = time.perf_counter() - t0
     if progress:
         progress("coarse", 1, 1)
-
-    residual: np.ndarray | None = None  # (2, H, W) in grid px of `prev_d`
-    prev_d = None
-    reports: list[LevelReport] = []
-    for lt in working_levels(target, cfg.nonrigid.max_side, cfg.nonrigid.levels):
-        t1 = time.perf_counter()
-        ls = matching_source_level(target, lt, source)
-        dt, ds = target.downsamples[lt], source.downsamples[ls]
-        shape = tuple(target.shapes[lt][:2])
-        r_k = (
-            np.zeros((2, *shape), np.float32)
-            if residual is None
-            else resize_field(residual, shape, prev_d / dt)  # type: ignore[operator]
-        )
-        a_k = rescale_affine(affine0, dt, ds)
-        mask_k = (
-            cv2.resize(
-                tp.mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
-            )
-            > 0
-        )
-        boxes = tile_boxes(shape, cfg.nonrigid.tile, cfg.nonrigid.overlap)
-        jobs = [
-            _job(target, lt, source, ls, box, shape, r_k, a_k, mask_k, tp.stats, sp.stats)
-            for box in boxes
-        ]
-        results: list[TileResult] = map_tasks(
-            register_tile,
-            jobs,
-            cfg.nonrigid,
-            scheduler=scheduler,
-            progress=progress,
-            stage=f"non-rigid level {lt} tiles",
-        )
-        sigma = cfg.nonrigid.smooth_sigma
-        d, _ = stitch(
-            [r.residual for r in results],
-            [r.weight for r in results],
-            boxes,
-            shape,
-            smooth_sigma=sigma,
-            fill_sigma=cfg.nonrigid.tile / 4,
-        )
-        residual = compose_residual(r_k, d)
-        prev_d = dt
-        reports.append(_report(lt, ls, shape, results, residual, mask_k, time.perf_counter() - t1))
-        timings[f"nonrigid_level_{lt}"] = time.perf_counter() - t1
-
+    t1 = time.perf_counter()
+    tiles, reports = nonrigid(target, source, pre, affine0, cfg, scheduler, progress)
+    residual = None
+    if tiles is not None:
+        residual, report = stitch_level(tiles, cfg)
+        reports.append(report)
+    timings["nonrigid"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    backward = inverse = None
-    if residual is not None and prev_d is not None:
-        origin = 0.5 * prev_d - 0.5
-        inv = invert(residual)
-        backward = StoredField(
-            residual * np.float32(prev_d), prev_d, origin, {"direction": "backward"}
-        )
-        inverse = StoredField(inv * np.float32(prev_d), prev_d, origin, {"direction": "inverse"})
-    timings["invert"] = time.perf_counter() - t2
-    transform = Transform(
-        affine0,
-        backward,
-        inverse,
-        tuple(target.shapes[0][:2]),
-        tuple(source.shapes[0][:2]),  # type: ignore[arg-type]
-        {"rigid_method": rigid.method, "rigid_flipped": rigid.flipped},
+    meta = {"rigid_method": rigid.method, "rigid_flipped": rigid.flipped}
+    transform = finalize(
+        affine0, residual, tiles.downsample if tiles else None, target, source, meta
     )
+    timings["invert"] = time.perf_counter() - t2
     return Registration(transform, rigid, reports, timings)
 
 
