@@ -113,6 +113,29 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from flows.stack import register_stack
+
+    from wsireg_flow.stack import StackJob, collect_sections
+
+    cfg = _config(args)
+    if args.scheduler:
+        cfg.dask.scheduler = args.scheduler
+    sections = collect_sections(args.slides)
+    if args.sort:
+        sections = sorted(sections, key=lambda p: p.name)
+    job = StackJob(sections, args.out, cfg, args.reference, args.landmarks)
+    result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
+    summary = {
+        "out": str(args.out),
+        "reference": job.name(job.ref),
+        "stages_run": sum(bool(v) for v in result["ran"].values()),
+        "sections": result["metrics"]["sections"],
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_to_yaml(_config(args)), end="")
     return 0
@@ -154,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
     _add_common(p)
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("stack", help="Register serial sections to a reference section.")
+    p.add_argument("slides", nargs="+", type=Path, help="Sections in order, or one folder.")
+    p.add_argument("--out", type=Path, required=True, help="Run directory to create.")
+    p.add_argument("--reference", type=int, default=None, help="Reference index (default: middle).")
+    p.add_argument("--sort", action="store_true", help="Order the given sections by file name.")
+    p.add_argument(
+        "--landmarks",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="One ANHIR landmark CSV per section (same order) to score the stack.",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).",
+    )
+    p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
+    _add_common(p)
+    p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("config", help="Print the effective configuration as YAML.")
     _add_common(p)

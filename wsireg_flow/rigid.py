@@ -319,6 +319,35 @@ def ecc_refine(
     return matrix
 
 
+def selection_score(
+    target: np.ndarray,
+    source: np.ndarray,
+    target_mask: np.ndarray | None,
+    source_mask: np.ndarray | None,
+    matrix: np.ndarray,
+) -> float:
+    """Score used to choose among refined candidates (higher is better).
+
+    Intensity NCC at 256 px (blur 2) and at 512 px (blur 1) plus half the tissue-mask NCC.
+    Masks alone are fooled by blob-like tissue (a 90-degree turn of a round section overlaps
+    well); finer intensity correlation is not, while the mask term still breaks ties on
+    symmetric outlines (measured on the bundled ANHIR pairs in both directions).
+    """
+    score = 0.0
+    for size, sigma in ((256, 2.0), (512, 1.0)):
+        f = min(1.0, size / max(target.shape))
+        sd = np.diag([f, f, 1.0])
+        t, s = _small(target, f, sigma), _small(source, f, sigma)
+        score += ncc(t, warp_affine(s, sd @ matrix @ np.linalg.inv(sd), t.shape))
+    if target_mask is not None and source_mask is not None:
+        f = 256 / max(target.shape)
+        sd = np.diag([f, f, 1.0])
+        tm = _small(target_mask.astype(np.float32), f)
+        sm = _small(source_mask.astype(np.float32), f)
+        score += 0.5 * ncc(tm, warp_affine(sm, sd @ matrix @ np.linalg.inv(sd), tm.shape))
+    return score
+
+
 def _rotated(matrix: np.ndarray) -> float:
     return float(abs(decompose(matrix)["rotation_deg"]) > 20.0)
 
@@ -348,14 +377,14 @@ def coarse_alignment(
     elif feat is not None:
         notes.extend(feat.notes)
     candidates.extend(rotation_search(target, source, target_mask, source_mask, cfg))
-    identity = layout_score(target, source, target_mask, source_mask, np.eye(3))
+    identity = selection_score(target, source, target_mask, source_mask, np.eye(3))
     for c in candidates:
         if cfg.refine == "ecc":
             refined = ecc_refine(target, source, c.matrix, cfg)
             if refined is not c.matrix:
                 c.matrix, c.method = refined, c.method + "+ecc"
         c.ncc_initial = identity
-        c.ncc_final = layout_score(target, source, target_mask, source_mask, c.matrix)
+        c.ncc_final = selection_score(target, source, target_mask, source_mask, c.matrix)
     ok = [c for c in candidates if plausibility(c.matrix, cfg) is None]
     if not ok:
         reasons = "; ".join(str(plausibility(c.matrix, cfg)) for c in candidates)

@@ -140,3 +140,41 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@dataclass
+class TransformChain:
+    """Backward maps applied in sequence: reference -> ... -> section (serial sections).
+
+    ``transforms[0]`` maps the reference frame into its neighbour, the next one that neighbour
+    into the following section, and so on. An empty chain is the identity on ``target_shape``.
+    """
+
+    transforms: list[Transform]
+    target_shape: tuple[int, int]
+
+    def target_to_source(self, points_xy: np.ndarray) -> np.ndarray:
+        p = np.asarray(points_xy, np.float64).reshape(-1, 2)
+        for t in self.transforms:
+            p = t.target_to_source(p)
+        return p
+
+    def source_to_target(self, points_xy: np.ndarray, exact: bool = True) -> np.ndarray:
+        p = np.asarray(points_xy, np.float64).reshape(-1, 2)
+        for t in reversed(self.transforms):
+            p = t.source_to_target(p, exact=exact)
+        return p
+
+    def backward_coords(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Section level-0 (x, y) maps, each (h, w) float32, for a reference-frame box."""
+        if not self.transforms:
+            ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+            return xs, ys
+        mx, my = self.transforms[0].backward_coords(y0, x0, h, w)
+        if len(self.transforms) > 1:
+            pts = np.stack([mx.ravel(), my.ravel()], axis=1).astype(np.float64)
+            for t in self.transforms[1:]:
+                pts = t.target_to_source(pts)
+            mx = pts[:, 0].reshape(h, w).astype(np.float32)
+            my = pts[:, 1].reshape(h, w).astype(np.float32)
+        return mx, my

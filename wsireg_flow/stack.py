@@ -1,0 +1,253 @@
+"""Serial-section stacks: register neighbours, compose toward a reference, warp every section.
+
+Sections are ordered (by name, or as given). Each section is registered onto its neighbour one
+step closer to the reference (default: the middle section), and the backward maps are chained
+reference -> ... -> section, so every section is warped into the reference frame with one
+resampling (no accumulated interpolation blur).
+
+Run directory layout (``DIR``)::
+
+    stack.json                          sections, reference, settings
+    pairs/<k>-onto-<j>/                 pair run directories (stages up to evaluate)
+    sections/<k>-<name>.zarr            each section warped into the reference frame
+    sections/<k>-<name>.json            its transform chain (pair directories, in order)
+    sections/<k>-<name>-landmarks.csv   its landmarks in the reference frame (when given)
+    metrics.json                        per-section landmark errors before/after (when given)
+    qc/stack.png                        previews of all warped sections + overlays
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsireg_flow.config import Config
+from wsireg_flow.errors import InputError, WsiregError
+from wsireg_flow.io.slide import open_slide
+from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
+from wsireg_flow.pipeline import PairJob, write_json
+from wsireg_flow.progress import ProgressFn
+from wsireg_flow.pyramid import level_for_max_side
+from wsireg_flow.qc import overlay, save_figure
+from wsireg_flow.stages import fingerprint, run_stage
+from wsireg_flow.transform import Transform, TransformChain
+from wsireg_flow.warp import warp_slide
+
+PAIR_STAGES_FOR_STACK = (
+    "ingest_target",
+    "ingest_source",
+    "preprocess",
+    "coarse",
+    "nonrigid",
+    "stitch",
+    "evaluate",
+)
+IMAGE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".jpg", ".jpeg", ".png", ".zarr")
+
+
+def collect_sections(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand a folder into its images (sorted by name); keep an explicit list in its order."""
+    paths = [Path(p) for p in inputs]
+    if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / ".zattrs").exists():
+        found = sorted(
+            p
+            for p in paths[0].iterdir()
+            if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
+        )
+        if not found:
+            raise InputError("folder holds no images", paths[0])
+        paths = found
+    for p in paths:
+        if not p.exists():
+            raise InputError("file not found", p)
+    if len(paths) < 2:
+        raise WsiregError("a stack needs at least two sections")
+    return paths
+
+
+@dataclass
+class StackJob:
+    sections: list[Path]
+    run_dir: Path
+    cfg: Config
+    reference: int | None = None
+    landmarks: list[Path] | None = None
+
+    @property
+    def ref(self) -> int:
+        return len(self.sections) // 2 if self.reference is None else self.reference
+
+    def validate(self) -> None:
+        n = len(self.sections)
+        if not 0 <= self.ref < n:
+            raise WsiregError(f"reference {self.ref} is not a section index (0..{n - 1})")
+        if self.landmarks is not None and len(self.landmarks) != n:
+            raise WsiregError(f"{len(self.landmarks)} landmark files for {n} sections")
+        for lm in self.landmarks or []:
+            read_landmarks(lm)
+
+    def name(self, k: int) -> str:
+        return f"{k:02d}-{self.sections[k].name.split('.')[0]}"
+
+    def neighbour(self, k: int) -> int:
+        """The section one step closer to the reference."""
+        return k + 1 if k < self.ref else k - 1
+
+    def pair_job(self, k: int) -> PairJob:
+        """Section ``k`` (source) registered onto its neighbour toward the reference (target)."""
+        j = self.neighbour(k)
+        lm = self.landmarks
+        return PairJob(
+            self.sections[j],
+            self.sections[k],
+            self.run_dir / "pairs" / f"{k:02d}-onto-{j:02d}",
+            self.cfg,
+            target_landmarks=lm[j] if lm else None,
+            source_landmarks=lm[k] if lm else None,
+        )
+
+    def chain_pairs(self, k: int) -> list[int]:
+        """Sections whose pair transforms map the reference frame into section ``k``, in order."""
+        out, i = [], k
+        while i != self.ref:
+            out.append(i)
+            i = self.neighbour(i)
+        return list(reversed(out))
+
+    def chain(self, k: int) -> TransformChain:
+        ref_shape = open_slide(self.pair_or_ingest(self.ref)).shapes[0][:2]
+        transforms = [
+            Transform.load(self.pair_job(i).run_dir / "transform") for i in self.chain_pairs(k)
+        ]
+        return TransformChain(transforms, (int(ref_shape[0]), int(ref_shape[1])))
+
+    def pair_or_ingest(self, k: int) -> Path:
+        """An ingested OME-Zarr of section ``k`` (from one of the pair runs that used it)."""
+        if k != self.ref:
+            return self.pair_job(k).run_dir / "ingest" / "source.zarr"
+        for i in range(len(self.sections)):
+            if i != k and self.neighbour(i) == k:
+                return self.pair_job(i).run_dir / "ingest" / "target.zarr"
+        raise WsiregError("reference has no neighbour")
+
+    def section_fingerprint(self, k: int) -> str:
+        fps = [self.pair_job(i).fingerprints()["stitch"] for i in self.chain_pairs(k)]
+        return fingerprint(
+            "stack-section",
+            k,
+            str(self.sections[k]),
+            fps,
+            self.cfg.io.model_dump(mode="json"),
+            None if not self.landmarks else str(self.landmarks[k]),
+        )
+
+
+def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
+    d = job.run_dir
+    desc = {
+        "sections": [str(p) for p in job.sections],
+        "reference": job.ref,
+        "landmarks": None if job.landmarks is None else [str(p) for p in job.landmarks],
+    }
+    f = d / "stack.json"
+    if d.exists() and any(d.iterdir()):
+        old = json.loads(f.read_text()) if f.is_file() else None
+        same = old is not None and all(old.get(k) == v for k, v in desc.items())
+        if not same and not overwrite:
+            raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(f, {**desc, "config": job.cfg.model_dump(mode="json")})
+
+
+def warp_section(job: StackJob, k: int, progress: ProgressFn | None = None) -> bool:
+    """Warp section ``k`` into the reference frame (and its landmarks); True when it ran."""
+    name = job.name(k)
+
+    def work() -> list[str]:
+        chain = job.chain(k)
+        src = open_slide(job.pair_or_ingest(k))
+        ref = open_slide(job.pair_or_ingest(job.ref))
+        out = job.run_dir / "sections" / f"{name}.zarr"
+        warp_slide(
+            chain,
+            src,
+            out,
+            ref.pixel_size_um,
+            chunk=job.cfg.io.chunk,
+            max_side=job.cfg.io.pyramid_max_side,
+            codec=job.cfg.io.codec,
+            overwrite=True,
+            progress=progress,
+        )
+        pairs = [str(job.pair_job(i).run_dir.relative_to(job.run_dir)) for i in job.chain_pairs(k)]
+        write_json(
+            job.run_dir / "sections" / f"{name}.json",
+            {"section": str(job.sections[k]), "chain": pairs, "reference": job.ref},
+        )
+        outputs = [f"sections/{name}.zarr", f"sections/{name}.json"]
+        if job.landmarks:
+            pts = chain.source_to_target(read_landmarks(job.landmarks[k]))
+            write_landmarks(job.run_dir / "sections" / f"{name}-landmarks.csv", pts)
+            outputs.append(f"sections/{name}-landmarks.csv")
+        return outputs
+
+    return run_stage(job.run_dir, f"section-{name}", job.section_fingerprint(k), work)
+
+
+def stack_metrics(job: StackJob) -> dict[str, Any]:
+    """Per-section landmark distance to the reference's landmarks, before and after (rTRE)."""
+    out: dict[str, Any] = {"reference": job.ref, "sections": []}
+    if not job.landmarks:
+        return out
+    ref_pts = read_landmarks(job.landmarks[job.ref])
+    shape = open_slide(job.pair_or_ingest(job.ref)).shapes[0][:2]
+    diag = image_diagonal(int(shape[0]), int(shape[1]))
+    for k in range(len(job.sections)):
+        before_t, before_s = paired(ref_pts, read_landmarks(job.landmarks[k]))
+        after = read_landmarks(job.run_dir / "sections" / f"{job.name(k)}-landmarks.csv")
+        after_t, after_s = paired(ref_pts, after)
+        b = np.linalg.norm(before_s - before_t, axis=1) / diag
+        a = np.linalg.norm(after_s - after_t, axis=1) / diag
+        out["sections"].append(
+            {
+                "section": job.name(k),
+                "is_reference": k == job.ref,
+                "initial_median_rtre": float(np.nanmedian(b)),
+                "median_rtre": float(np.nanmedian(a)),
+                "initial_mean_rtre": float(np.nanmean(b)),
+                "mean_rtre": float(np.nanmean(a)),
+            }
+        )
+    return out
+
+
+def stack_qc(job: StackJob, size: int = 512) -> Path:
+    """One figure: every warped section, and each overlaid on the reference (red/green)."""
+    imgs = []
+    for k in range(len(job.sections)):
+        s = open_slide(job.run_dir / "sections" / f"{job.name(k)}.zarr")
+        lv = level_for_max_side(s.shapes, size)
+        h, w = s.shapes[lv][:2]
+        imgs.append(s.read_region(lv, 0, 0, h, w)[..., :3])
+    ref = imgs[job.ref]
+    panels = [
+        (f"{job.name(k)}{' (reference)' if k == job.ref else ''}", im) for k, im in enumerate(imgs)
+    ]
+    panels += [
+        (f"{job.name(k)} on reference", overlay(ref, im))
+        for k, im in enumerate(imgs)
+        if k != job.ref
+    ]
+    return save_figure(
+        job.run_dir / "qc" / "stack.png", panels, "Stack registered to the reference"
+    )
