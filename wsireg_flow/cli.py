@@ -136,6 +136,27 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.inbox import process_inbox, serve
+
+    if not args.inbox.is_dir():
+        raise WsiregError("inbox folder not found", args.inbox)
+    if args.config is not None:
+        load_config(args.config)  # refuse a bad config before serving
+    params = {
+        "inbox": str(args.inbox),
+        "data_root": None if args.data_root is None else str(args.data_root),
+        "runs": None if args.runs is None else str(args.runs),
+        "config_file": None if args.config is None else str(args.config),
+    }
+    if args.once:
+        print(json.dumps(process_inbox(**params)))
+        return 0
+    print(f"serving inbox {args.inbox} on schedule '{args.cron}' (Ctrl-C to stop)", file=sys.stderr)
+    serve(cron=args.cron, **params)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_to_yaml(_config(args)), end="")
     return 0
@@ -199,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
     _add_common(p)
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("serve", help="Serve a scheduled deployment that runs inbox manifests.")
+    p.add_argument("--inbox", type=Path, required=True, help="Folder watched for *.yaml jobs.")
+    p.add_argument("--cron", default="*/10 * * * *", help="Schedule (cron syntax).")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="Manifest paths are relative to this (default: the inbox).",
+    )
+    p.add_argument("--runs", type=Path, default=None, help="Run directories (default: INBOX/runs).")
+    p.add_argument("--once", action="store_true", help="Process the inbox once and exit.")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="Print the effective configuration as YAML.")
     _add_common(p)

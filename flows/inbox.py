@@ -1,0 +1,136 @@
+"""Inbox flow: run every job manifest dropped into a folder once, then file it.
+
+``INBOX/*.yaml`` -> claimed into ``INBOX/processing/`` -> run (pair or stack flow, as a subflow)
+-> moved to ``INBOX/done/`` (with ``<name>.result.json``) or ``INBOX/failed/`` (with
+``<name>.reason.txt``, one line). Run directories go to ``RUNS/<manifest name>/``. Manifest
+paths are relative to the data root and cannot leave it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flows.pair import register_pair
+from flows.stack import register_stack
+from prefect import flow, get_run_logger
+
+from wsireg_flow.config import load_config
+from wsireg_flow.manifest import load_manifest, manifest_config, resolve
+from wsireg_flow.pipeline import PairJob
+from wsireg_flow.stack import StackJob, collect_sections
+
+SUBDIRS = ("processing", "done", "failed")
+
+
+def claim(manifest: Path) -> Path | None:
+    """Atomically move a manifest into processing/ (None when another runner took it)."""
+    target = manifest.parent / "processing" / manifest.name
+    try:
+        os.replace(manifest, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def run_manifest(
+    path: Path, data_root: Path, runs: Path, config_file: Path | None
+) -> dict[str, Any]:
+    """Run one claimed manifest; returns a JSON-friendly result."""
+    m = load_manifest(path)
+    cfg = manifest_config(m, load_config(config_file), path)
+    out = runs / path.stem
+    if m.kind == "pair":
+        job = PairJob(
+            resolve(data_root, m.target),
+            resolve(data_root, m.source),
+            out,
+            cfg,  # type: ignore[arg-type]
+            target_landmarks=resolve(data_root, m.target_landmarks),
+            source_landmarks=resolve(data_root, m.source_landmarks),
+        )
+        ran = register_pair(job)
+        metrics = json.loads((out / "metrics.json").read_text())
+        return {
+            "kind": "pair",
+            "out": str(out),
+            "stages_run": [k for k, v in ran.items() if v],
+            "landmarks": metrics.get("landmarks"),
+        }
+    if m.sections:
+        sections = collect_sections([resolve(data_root, s) for s in m.sections])  # type: ignore[misc]
+    else:
+        sections = collect_sections([resolve(data_root, m.folder)])  # type: ignore[list-item]
+    landmarks = [resolve(data_root, p) for p in m.landmarks] if m.landmarks else None
+    sjob = StackJob(sections, out, cfg, m.reference, landmarks)  # type: ignore[arg-type]
+    result = register_stack(sjob)
+    return {"kind": "stack", "out": str(out), "metrics": result["metrics"]}
+
+
+@flow(name="inbox", validate_parameters=False, persist_result=False)
+def process_inbox(
+    inbox: str,
+    data_root: str | None = None,
+    runs: str | None = None,
+    config_file: str | None = None,
+) -> dict[str, list[str]]:
+    """Run each manifest in ``inbox`` once; returns {"done": [...], "failed": [...]}."""
+    logger = get_run_logger()
+    box = Path(inbox)
+    root = Path(data_root) if data_root else box
+    runs_dir = Path(runs) if runs else box / "runs"
+    for sub in SUBDIRS:
+        (box / sub).mkdir(parents=True, exist_ok=True)
+    summary: dict[str, list[str]] = {"done": [], "failed": []}
+    for manifest in sorted(box.glob("*.y*ml")):
+        claimed = claim(manifest)
+        if claimed is None:
+            continue
+        logger.info("job %s: started", manifest.name)
+        try:
+            result = run_manifest(
+                claimed, root, runs_dir, Path(config_file) if config_file else None
+            )
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            os.replace(claimed, box / "failed" / claimed.name)
+            (box / "failed" / f"{claimed.stem}.reason.txt").write_text(
+                f"{type(exc).__name__}: {reason}\n"
+            )
+            (box / "failed" / f"{claimed.stem}.traceback.txt").write_text(traceback.format_exc())
+            logger.error("job %s: failed: %s", manifest.name, reason)
+            summary["failed"].append(manifest.name)
+            continue
+        (box / "done" / f"{claimed.stem}.result.json").write_text(
+            json.dumps(result, indent=2, default=str)
+        )
+        os.replace(claimed, box / "done" / claimed.name)
+        logger.info("job %s: done", manifest.name)
+        summary["done"].append(manifest.name)
+    return summary
+
+
+def serve(
+    inbox: str,
+    cron: str,
+    data_root: str | None = None,
+    runs: str | None = None,
+    config_file: str | None = None,
+) -> None:
+    """Serve the inbox flow as a deployment on a cron schedule (blocks until interrupted).
+
+    Uses the Prefect server named by PREFECT_API_URL, or a temporary local one.
+    """
+    process_inbox.serve(
+        name="wsireg-inbox",
+        cron=cron,
+        parameters={
+            "inbox": inbox,
+            "data_root": data_root,
+            "runs": runs,
+            "config_file": config_file,
+        },
+    )

@@ -1,0 +1,91 @@
+"""Job manifests for the inbox: one YAML file per job (a pair or a stack) plus its config.
+
+Example (paths relative to the data root, which they cannot leave)::
+
+    kind: pair
+    target: slides/case1_HE.svs
+    source: slides/case1_CD31.svs
+    target_landmarks: slides/case1_HE.csv      # optional
+    source_landmarks: slides/case1_CD31.csv    # optional
+    config:                                    # optional overrides of configs/default.yaml
+      nonrigid: {tile: 768}
+
+    kind: stack
+    sections: [s1.svs, s2.svs, s3.svs]         # or  folder: slides/case2
+    reference: 1                               # optional, default middle
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from wsireg_flow.config import Config, config_from_dict
+from wsireg_flow.errors import ConfigError, InputError
+from wsireg_flow.landmarks import resolve_path
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pair", "stack"]
+    target: str | None = None
+    source: str | None = None
+    target_landmarks: str | None = None
+    source_landmarks: str | None = None
+    sections: list[str] | None = None
+    folder: str | None = None
+    reference: int | None = None
+    landmarks: list[str] | None = None
+    config: dict[str, Any] | None = None
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a manifest (YAML safe loader; unknown keys refused)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"not a readable YAML manifest ({first})", p) from None
+    if not isinstance(data, dict):
+        raise InputError("a manifest must be a mapping", p)
+    try:
+        m = Manifest.model_validate(data)
+    except ValidationError as exc:
+        parts = [f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()]
+        raise InputError(f"invalid manifest: {'; '.join(parts)}", p) from None
+    if m.kind == "pair" and (not m.target or not m.source):
+        raise InputError("a pair manifest needs 'target' and 'source'", p)
+    if m.kind == "stack" and not (m.sections or m.folder):
+        raise InputError("a stack manifest needs 'sections' or 'folder'", p)
+    return m
+
+
+def manifest_config(m: Manifest, base: Config, path: Path) -> Config:
+    """The base config with the manifest's overrides applied (validated)."""
+    if not m.config:
+        return base
+    merged = _deep_merge(base.model_dump(mode="json"), m.config)
+    try:
+        return config_from_dict(merged, path)
+    except ConfigError:
+        raise
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def resolve(root: Path, rel: str | None) -> Path | None:
+    """A manifest path under ``root`` (refused when it escapes it)."""
+    return None if rel is None else resolve_path(root, rel)
