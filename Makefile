@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Prefect keeps its state for the demo inside runs/ (no ~/.prefect), telemetry off.
 demo: $(STAMP)
-	$(BIN)/wsireg-flow demo --out runs/demo
+	PREFECT_HOME=$(CURDIR)/runs/.prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	$(BIN)/wsireg-flow anhir --dataset data/anhir-sample --pairs data/anhir-sample/dataset.csv \
+		--out runs/demo --progress
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -157,6 +157,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_anhir(args: argparse.Namespace) -> int:
+    from flows.anhir import anhir_benchmark
+
+    cfg = _config(args)
+    if args.scheduler:
+        cfg.dask.scheduler = args.scheduler
+    summary = anhir_benchmark(
+        args.dataset,
+        args.pairs,
+        args.out,
+        cfg,
+        status=args.status,
+        limit=args.limit,
+        echo=_progress(args),
+    )
+    print((args.out / "scores" / "summary.md").read_text())
+    print(f"report: {args.out / 'scores' / 'summary.md'}  figures: {args.out / 'figures'}")
+    if summary["failed_pairs"]:
+        print(
+            f"wsireg-flow: {summary['failed_pairs']} pair(s) failed: see "
+            f"{args.out / 'failures.json'}",
+            file=sys.stderr,
+        )
+        return 3 if args.strict else 0
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_to_yaml(_config(args)), end="")
     return 0
@@ -234,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="Process the inbox once and exit.")
     _add_common(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("anhir", help="Register and score an ANHIR-layout dataset.")
+    p.add_argument("--dataset", type=Path, required=True, help="Dataset root (paths are relative).")
+    p.add_argument("--pairs", type=Path, required=True, help="Pair table (ANHIR columns).")
+    p.add_argument("--out", type=Path, required=True, help="Submission / report folder.")
+    p.add_argument("--status", choices=["training", "evaluation"], default=None)
+    p.add_argument("--limit", type=int, default=None, help="At most this many pairs.")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="'threads', 'local' or a Dask scheduler address: pairs run in parallel.",
+    )
+    p.add_argument("--strict", action="store_true", help="Exit non-zero when a pair fails.")
+    _add_common(p)
+    p.set_defaults(func=cmd_anhir)
 
     p = sub.add_parser("config", help="Print the effective configuration as YAML.")
     _add_common(p)

@@ -1,0 +1,71 @@
+"""``anhir`` flow: every pair of an ANHIR table as a task, then the submission and the scores.
+
+With a distributed Dask cluster (``--scheduler local`` or an address) whole pairs run in
+parallel on the workers (tile work inside each pair uses the worker's threads); otherwise
+pairs run one after another and their tiles use the local scheduler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks_anhir.run import (
+    PairOutcome,
+    load_dataset,
+    register_one,
+    write_outputs,
+)
+from flows.common import flow_progress
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from wsireg_flow.config import Config
+from wsireg_flow.errors import WsiregError
+from wsireg_flow.landmarks import Pair
+from wsireg_flow.parallel import dask_scheduler
+from wsireg_flow.progress import ProgressFn
+
+
+@task(
+    name="anhir-pair", task_run_name="pair-{p.index}", cache_policy=NO_CACHE, persist_result=False
+)
+def anhir_pair(
+    p: Pair, root: Path, out: Path, cfg: Config, scheduler: Any, progress: ProgressFn
+) -> PairOutcome:
+    return register_one(p, root, out, cfg, scheduler, progress)
+
+
+@flow(name="anhir", validate_parameters=False, persist_result=False)
+def anhir_benchmark(
+    root: Path,
+    table: Path,
+    out: Path,
+    cfg: Config,
+    status: str | None = None,
+    limit: int | None = None,
+    echo: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Register and score an ANHIR-layout dataset; returns summary.json's content."""
+    pairs = load_dataset(root, table, status, limit)
+    if not pairs:
+        raise WsiregError("no pairs selected", table)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = flow_progress(echo)
+    outcomes: dict[str, PairOutcome] = {}
+    with dask_scheduler(cfg.dask) as scheduler:
+        if isinstance(scheduler, str):
+            for k, p in enumerate(pairs):
+                outcomes[p.index] = anhir_pair(p, root, out, cfg, scheduler, progress)
+                progress("ANHIR pairs", k + 1, len(pairs))
+        else:
+            from distributed import as_completed
+
+            futures = {
+                scheduler.submit(register_one, p, root, out, cfg, "threads", pure=False): p
+                for p in pairs
+            }
+            for k, fut in enumerate(as_completed(futures)):
+                outcomes[futures[fut].index] = fut.result()
+                progress("ANHIR pairs", k + 1, len(pairs))
+    return write_outputs(out, root, pairs, outcomes)
