@@ -184,6 +184,53 @@ def cmd_anhir(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warp_annotations(args: argparse.Namespace) -> int:
+    from wsireg_flow.annotations import warp_geojson_file
+
+    print(warp_geojson_file(args.transform, args.geojson, args.out, args.direction, args.densify))
+    return 0
+
+
+def cmd_warp(args: argparse.Namespace) -> int:
+    from wsireg_flow.io.slide import open_slide
+    from wsireg_flow.transform import InverseView, Transform
+    from wsireg_flow.warp import warp_slide
+
+    cfg = _config(args)
+    transform = Transform.load(args.transform)
+    view = transform if args.direction == "source-to-target" else InverseView(transform)
+    with open_slide(args.image, cfg.io.pixel_size_um) as image:
+        out = warp_slide(
+            view,
+            image,
+            args.out,
+            image.pixel_size_um,
+            chunk=cfg.io.chunk,
+            max_side=cfg.io.pyramid_max_side,
+            codec=cfg.io.codec,
+            nearest=args.labels,
+            overwrite=args.overwrite,
+            progress=_progress(args),
+        )
+    print(out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from wsireg_flow.io.ometiff import export_ome_tiff
+
+    print(
+        export_ome_tiff(
+            args.zarr,
+            args.out,
+            compression=args.compression,
+            overwrite=args.overwrite,
+            progress=_progress(args),
+        )
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_to_yaml(_config(args)), end="")
     return 0
@@ -276,6 +323,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="Exit non-zero when a pair fails.")
     _add_common(p)
     p.set_defaults(func=cmd_anhir)
+
+    directions = ["source-to-target", "target-to-source"]
+    p = sub.add_parser("warp-annotations", help="Warp QuPath-style GeoJSON with a transform.")
+    p.add_argument("transform", type=Path, help="A run's transform/ directory.")
+    p.add_argument("geojson", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--direction", choices=directions, default="source-to-target")
+    p.add_argument(
+        "--densify",
+        type=float,
+        default=0.0,
+        help="Add vertices every PX level-0 pixels along edges before warping.",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_warp_annotations)
+
+    p = sub.add_parser("warp", help="Warp another image (or a label mask) with a transform.")
+    p.add_argument("transform", type=Path, help="A run's transform/ directory.")
+    p.add_argument(
+        "image",
+        type=Path,
+        help="Image in the source frame (target frame with --direction target-to-source).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="Output OME-Zarr.")
+    p.add_argument("--direction", choices=directions, default="source-to-target")
+    p.add_argument("--labels", action="store_true", help="Nearest-neighbour (label masks).")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_warp)
+
+    p = sub.add_parser("export", help="Export an OME-Zarr pyramid as a pyramidal OME-TIFF.")
+    p.add_argument("zarr", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="Output .ome.tif")
+    p.add_argument("--compression", choices=["jpeg", "deflate"], default="jpeg")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="Print the effective configuration as YAML.")
     _add_common(p)

@@ -178,3 +178,29 @@ class TransformChain:
             mx = pts[:, 0].reshape(h, w).astype(np.float32)
             my = pts[:, 1].reshape(h, w).astype(np.float32)
         return mx, my
+
+
+@dataclass
+class InverseView:
+    """A Transform seen the other way round: resamples TARGET-frame images into the SOURCE frame.
+
+    ``backward_coords`` gives, for a source-frame box, the target (x, y) each pixel comes from:
+    F(p) = q + s(q), q = A^-1 p, using the stored inverse residual.
+    """
+
+    transform: Transform
+
+    @property
+    def target_shape(self) -> tuple[int, int]:
+        return self.transform.source_shape
+
+    def backward_coords(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float64)
+        inv = np.linalg.inv(self.transform.affine)
+        qx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+        qy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+        f = self.transform.inverse
+        if f is None:
+            return qx.astype(np.float32), qy.astype(np.float32)
+        r = sample(f.data, (qy - f.origin) / f.spacing, (qx - f.origin) / f.spacing)
+        return (qx + r[1]).astype(np.float32), (qy + r[0]).astype(np.float32)

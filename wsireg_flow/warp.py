@@ -19,7 +19,7 @@ import numpy as np
 from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.transform import Transform, TransformChain
+from wsireg_flow.transform import InverseView, Transform, TransformChain
 
 CV_MAX = 32767
 
@@ -32,7 +32,7 @@ def background_value(channels: int, dtype: np.dtype, nearest: bool) -> int:
 
 
 def warp_chunk(
-    transform: Transform | TransformChain,
+    transform: Transform | TransformChain | InverseView,
     source_path: str,
     y0: int,
     x0: int,
@@ -76,7 +76,10 @@ def warp_chunk(
 
 
 def warped_level0(
-    transform: Transform | TransformChain, source: Slide, chunk: int = 1024, nearest: bool = False
+    transform: Transform | TransformChain | InverseView,
+    source: Slide,
+    chunk: int = 1024,
+    nearest: bool = False,
 ) -> da.Array:
     """Lazy (y, x, c) dask array of the source warped onto the target's level-0 grid."""
     h, w = transform.target_shape
@@ -95,7 +98,7 @@ def warped_level0(
 
 
 def warp_slide(
-    transform: Transform | TransformChain,
+    transform: Transform | TransformChain | InverseView,
     source: Slide,
     out: str | os.PathLike[str],
     pixel_size_um: float | None = None,

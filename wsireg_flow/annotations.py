@@ -1,0 +1,133 @@
+"""Warp GeoJSON annotations (QuPath style) between the target and source frames.
+
+Coordinates are (x, y) level-0 pixels of the slide they belong to, as QuPath exports them.
+Supported geometries: Point, MultiPoint, LineString, MultiLineString, Polygon (holes kept),
+MultiPolygon and GeometryCollection; a FeatureCollection, a list of features (QuPath's
+"export as array"), a single Feature or a bare geometry. Properties are kept untouched.
+Rings stay closed; optional densification adds vertices along long edges first so that a
+non-rigid warp bends them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from wsireg_flow.errors import InputError
+from wsireg_flow.transform import Transform
+
+Direction = Literal["source-to-target", "target-to-source"]
+PointMap = Callable[[np.ndarray], np.ndarray]
+
+
+def _densify(ring: np.ndarray, step: float) -> np.ndarray:
+    if step <= 0 or len(ring) < 2:
+        return ring
+    out = [ring[0]]
+    for a, b in zip(ring[:-1], ring[1:], strict=True):
+        n = int(np.ceil(np.linalg.norm(b - a) / step))
+        for k in range(1, n):
+            out.append(a + (b - a) * k / n)
+        out.append(b)
+    return np.array(out)
+
+
+def _map_coords(coords: Any, fn: PointMap, depth: int, step: float) -> Any:
+    """Map a GeoJSON coordinate array of nesting ``depth`` (0 = one position)."""
+    if depth == 0:
+        return [float(v) for v in fn(np.asarray([coords[:2]], np.float64))[0]]
+    if depth == 1:
+        pts = np.asarray([c[:2] for c in coords], np.float64).reshape(-1, 2)
+        closed = len(pts) > 2 and np.allclose(pts[0], pts[-1])
+        pts = _densify(pts, step) if step > 0 else pts
+        mapped = fn(pts)
+        if closed:
+            mapped[-1] = mapped[0]
+        return mapped.tolist()
+    return [_map_coords(c, fn, depth - 1, step) for c in coords]
+
+
+_DEPTH = {
+    "Point": 0,
+    "MultiPoint": 1,
+    "LineString": 1,
+    "MultiLineString": 2,
+    "Polygon": 2,
+    "MultiPolygon": 3,
+}
+
+
+def warp_geometry(geom: dict[str, Any], fn: PointMap, densify: float = 0.0) -> dict[str, Any]:
+    """A copy of ``geom`` with every position mapped by ``fn`` ((N, 2) -> (N, 2))."""
+    kind = geom.get("type")
+    out = copy.deepcopy(geom)
+    if kind == "GeometryCollection":
+        out["geometries"] = [warp_geometry(g, fn, densify) for g in geom["geometries"]]
+        return out
+    if kind not in _DEPTH:
+        raise ValueError(f"unsupported geometry type {kind!r}")
+    step = densify if kind not in ("Point", "MultiPoint") else 0.0
+    out["coordinates"] = _map_coords(geom["coordinates"], fn, _DEPTH[kind], step)
+    return out
+
+
+def warp_geojson(
+    data: Any,
+    transform: Transform,
+    direction: Direction = "source-to-target",
+    densify: float = 0.0,
+) -> Any:
+    """Warp every geometry of a GeoJSON object (same structure returned, properties kept)."""
+    if direction == "source-to-target":
+        fn: PointMap = transform.source_to_target
+    elif direction == "target-to-source":
+        fn = transform.target_to_source
+    else:
+        raise ValueError(f"direction must be source-to-target or target-to-source, got {direction}")
+
+    def feature(f: dict[str, Any]) -> dict[str, Any]:
+        g = dict(f)
+        if f.get("geometry") is not None:
+            g["geometry"] = warp_geometry(f["geometry"], fn, densify)
+        return g
+
+    if isinstance(data, list):
+        return [feature(f) for f in data]
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "FeatureCollection":
+        return {**data, "features": [feature(f) for f in data["features"]]}
+    if kind == "Feature":
+        return feature(data)
+    return warp_geometry(data, fn, densify)
+
+
+def warp_geojson_file(
+    transform_dir: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    direction: Direction = "source-to-target",
+    densify: float = 0.0,
+) -> Path:
+    """Read, warp and write a GeoJSON file (written atomically)."""
+    p = Path(src)
+    if not p.is_file():
+        raise InputError("file not found", p)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON ({exc})", p) from None
+    try:
+        warped = warp_geojson(data, Transform.load(transform_dir), direction, densify)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InputError(f"not valid GeoJSON ({type(exc).__name__}: {exc})", p) from None
+    o = Path(out)
+    tmp = o.with_name(f".{o.name}.partial")
+    tmp.write_text(json.dumps(warped))
+    os.replace(tmp, o)
+    return o
