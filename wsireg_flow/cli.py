@@ -115,7 +115,6 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_stack(args: argparse.Namespace) -> int:
     from flows.stack import register_stack
-
     from wsireg_flow.stack import StackJob, collect_sections
 
     cfg = _config(args)

@@ -117,7 +117,7 @@ class NonrigidConfig(_Section):
         description="Largest residual displacement as a fraction of the tile side.",
     )
     smooth_sigma: float = Field(
-        2.0, ge=0, description="Gaussian sigma (px, working level) applied to the stitched field."
+        5.0, ge=0, description="Gaussian sigma (px, working level) applied to the stitched field."
     )
 
     @model_validator(mode="after")

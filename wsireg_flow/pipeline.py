@@ -33,6 +33,7 @@ import numpy as np
 
 from wsireg_flow.config import Config
 from wsireg_flow.errors import WsiregError
+from wsireg_flow.field import jacobian_determinant, sample
 from wsireg_flow.io.omezarr import atomic_directory, ingest
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
@@ -40,7 +41,14 @@ from wsireg_flow.metrics import score_pair
 from wsireg_flow.nonrigid import TileResult
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
-from wsireg_flow.qc import checkerboard, overlay, save_figure
+from wsireg_flow.qc import (
+    checkerboard,
+    deformation_grid_figure,
+    html_report,
+    jacobian_figure,
+    overlay,
+    save_figure,
+)
 from wsireg_flow.register import (
     LevelReport,
     LevelTiles,
@@ -410,7 +418,43 @@ def stage_qc(job: PairJob) -> list[str]:
         job.run_dir / "qc",
         pts,
     )
-    return [str(p.relative_to(job.run_dir)) for p in paths]
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())
+    report = html_report(
+        job.run_dir / "qc" / "report.html",
+        f"wsireg-flow: {job.source.name} onto {job.target.name}",
+        [("Registration", metrics_rows(metrics), paths)],
+    )
+    return [str(p.relative_to(job.run_dir)) for p in [*paths, report]]
+
+
+def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, object]]:
+    """The metrics table of the QC page, from ``metrics.json`` content."""
+    rigid = metrics.get("rigid", {})
+    rows: list[tuple[str, object]] = [
+        ("target", metrics.get("inputs", {}).get("target")),
+        ("source", metrics.get("inputs", {}).get("source")),
+        ("coarse method", rigid.get("method")),
+        (
+            "coarse scale / rotation (deg)",
+            f"{rigid.get('scale', 0):.4f} / {rigid.get('rotation_deg', 0):.2f}",
+        ),
+        ("mirrored", rigid.get("flipped")),
+        ("folding share (max over levels)", metrics.get("folding_fraction")),
+    ]
+    for lv in metrics.get("levels", []):
+        rows.append(
+            (
+                f"level {lv['target_level']} tiles ok / total",
+                f"{lv['tiles_ok']} / {lv['tiles']} (mean confidence {lv['mean_confidence']:.3f})",
+            )
+        )
+    lm = metrics.get("landmarks")
+    if lm:
+        for k in ("initial_median_rtre", "median_rtre", "mean_rtre", "max_rtre", "robustness"):
+            rows.append((k, lm[k]))
+    for name, sec in metrics.get("stage_seconds", {}).items():
+        rows.append((f"stage {name} (s)", sec))
+    return rows
 
 
 def landmark_outputs(
@@ -497,6 +541,27 @@ def qc_figures(
             for r in reports
         ]
         paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
+    f = transform.backward
+    if f is not None:
+        h, w = t_img.shape[:2]
+        centres_y = (np.arange(h) + 0.5) * dt - 0.5
+        centres_x = (np.arange(w) + 0.5) * dt - 0.5
+        yy, xx = np.meshgrid(
+            (centres_y - f.origin) / f.spacing, (centres_x - f.origin) / f.spacing, indexing="ij"
+        )
+        residual = sample(f.data, yy, xx) / np.float32(dt)
+        peak = float(np.abs(residual).max())
+        gain = float(np.clip(8.0 / peak, 1.0, 10.0)) if peak > 0 else 1.0
+        paths.append(
+            deformation_grid_figure(
+                qc_dir / "deformation-grid.png", t_img, residual, dt, gain=round(gain, 1)
+            )
+        )
+        paths.append(
+            jacobian_figure(
+                qc_dir / "jacobian.png", jacobian_determinant(f.data / np.float32(f.spacing))
+            )
+        )
     return paths
 
 

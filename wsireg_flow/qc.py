@@ -77,3 +77,120 @@ def save_figure(
     fig.savefig(p, dpi=80)
     plt.close(fig)
     return p
+
+
+def deformation_grid_figure(
+    path: str | os.PathLike[str],
+    background: np.ndarray,
+    residual_yx: np.ndarray,
+    spacing_px: float,
+    step: int = 24,
+    gain: float = 1.0,
+) -> Path:
+    """Grid lines of the target frame displaced by the non-rigid residual, over ``background``.
+
+    ``residual_yx`` is (2, H, W) (dy, dx) in ``background`` pixels on the background grid;
+    ``gain`` exaggerates small displacements (stated in the title).
+    """
+    h, w = residual_yx.shape[1:]
+    fig, ax = plt.subplots(figsize=(6, 6 * h / max(w, 1)))
+    ax.imshow(background, interpolation="nearest")
+    for y in range(0, h, step):
+        xs = np.arange(w)
+        ax.plot(xs + gain * residual_yx[1, y], y + gain * residual_yx[0, y], color="cyan", lw=0.6)
+    for x in range(0, w, step):
+        ys = np.arange(h)
+        ax.plot(
+            x + gain * residual_yx[1, :, x], ys + gain * residual_yx[0, :, x], color="cyan", lw=0.6
+        )
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.axis("off")
+    ax.set_title(f"deformation grid (non-rigid part x{gain:g}, grid {step * spacing_px:.0f} px)")
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=80)
+    plt.close(fig)
+    return p
+
+
+def jacobian_figure(path: str | os.PathLike[str], jac: np.ndarray) -> Path:
+    """Jacobian determinant map (1 = no area change) with folds (det <= 0) marked in black."""
+    fig, ax = plt.subplots(figsize=(6, 6 * jac.shape[0] / max(jac.shape[1], 1)))
+    im = ax.imshow(jac, cmap="RdBu_r", vmin=0.5, vmax=1.5, interpolation="nearest")
+    folds = np.ma.masked_where(jac > 0, np.ones_like(jac))
+    ax.imshow(folds, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    share = float((jac <= 0).mean())
+    ax.set_title(f"Jacobian determinant (folds: {100 * share:.3f} % of grid, black)")
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=80)
+    plt.close(fig)
+    return p
+
+
+def _data_uri(png: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+
+
+_CHECK_SCRIPT = """<script>
+window.addEventListener('load', function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  document.getElementById('load-status').textContent = 'images loaded: ' + ok + '/' + imgs.length;
+});
+</script>"""
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    cells = "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def _fmt(v: object) -> str:
+    import html
+
+    if isinstance(v, float):
+        return f"{v:.5g}"
+    return html.escape(str(v))
+
+
+def html_report(
+    path: str | os.PathLike[str],
+    title: str,
+    sections: list[tuple[str, list[tuple[str, object]], list[Path]]],
+) -> Path:
+    """One self-contained HTML page: per section a metrics table and its figures (embedded).
+
+    A small script reports, once the page has loaded, how many images decoded
+    (``#load-status``), which the tests read from headless Chromium.
+    """
+    import html
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em}img{max-width:48%;margin:4px;"
+        "border:1px solid #ccc}table{border-collapse:collapse;margin:.5em 0}"
+        "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        "section{border-top:2px solid #888;margin-top:1em}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p id='load-status'>loading</p>",
+    ]
+    for name, rows, figures in sections:
+        parts.append(f"<section><h2>{html.escape(name)}</h2>{_table(rows)}")
+        for fig in figures:
+            parts.append(f"<img alt='{html.escape(fig.stem)}' src='{_data_uri(fig)}'>")
+        parts.append("</section>")
+    parts.append(_CHECK_SCRIPT + "</body></html>")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.partial")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, p)
+    return p
