@@ -40,7 +40,7 @@ def section_task(job: StackJob, k: int, progress: ProgressFn) -> bool:
 def stack_report_task(job: StackJob) -> dict[str, Any]:
     metrics = stack_metrics(job)
     write_json(job.run_dir / "metrics.json", metrics)
-    stack_qc(job)
+    stack_qc(job, metrics)
     return metrics
 
 

@@ -264,9 +264,7 @@ def test_sample_large_grid_path_matches_exact_bilinear() -> None:
 def test_resize_field_linear_field_is_exact_with_pixel_centre_alignment() -> None:
     hc, wc, factor = 40, 60, 4.0
     cy, cx = np.mgrid[0:hc, 0:wc].astype(np.float64)
-    coarse = np.stack([0.05 * cy - 0.02 * cx + 1.0, 0.03 * cy + 0.04 * cx - 2.0]).astype(
-        np.float32
-    )
+    coarse = np.stack([0.05 * cy - 0.02 * cx + 1.0, 0.03 * cy + 0.04 * cx - 2.0]).astype(np.float32)
     fine = resize_field(coarse, (160, 240), factor)
     assert fine.shape == (2, 160, 240)
     fy, fx = np.mgrid[0:160, 0:240].astype(np.float64)

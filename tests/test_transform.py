@@ -181,7 +181,9 @@ def test_rescale_and_to_level0_are_inverses() -> None:
         np.testing.assert_allclose(to_level0_affine(mk, dt, ds), m0, atol=1e-9)
         # a level point maps consistently through level 0
         u = rng.uniform(0, 100, (20, 2))
-        via0 = apply_affine(np.linalg.inv(level_to_level0(ds)), apply_affine(m0, u * dt + 0.5 * dt - 0.5))
+        via0 = apply_affine(
+            np.linalg.inv(level_to_level0(ds)), apply_affine(m0, u * dt + 0.5 * dt - 0.5)
+        )
         np.testing.assert_allclose(apply_affine(mk, u), via0, atol=1e-9)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,7 +76,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from wsireg_flow.pipeline import PAIR_STAGES, PairJob, job_is_complete
+    from wsireg_flow.pipeline import PAIR_STAGES, PairJob, check_inputs, job_is_complete
 
     cfg = _config(args)
     if args.scheduler:
@@ -88,6 +89,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         target_landmarks=args.target_landmarks,
         source_landmarks=args.source_landmarks,
     )
+    check_inputs(job)  # fail before any orchestration starts
     if not args.overwrite and job_is_complete(job):
         # a finished job with unchanged inputs and settings: nothing to orchestrate
         ran = dict.fromkeys(PAIR_STAGES, False)
@@ -370,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 1 failure)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        # Prefect prints tracebacks of failed runs on its console handler: our one-line error
+        # says it; the run's logs still reach a Prefect server's API handler.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:

@@ -46,12 +46,18 @@ def save_figure(
     panels: list[tuple[str, np.ndarray]],
     title: str = "",
     points: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
+    ncols: int | None = None,
 ) -> Path:
-    """Save panels side by side; ``points[i]`` = (start (N,2), end (N,2)) arrows in panel px."""
+    """Save panels in a grid (``ncols`` per row, default all in one row);
+    ``points[i]`` = (start (N,2), end (N,2)) arrows in panel px."""
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 5), squeeze=False)
+    cols = min(n, ncols or n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 5 * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
     for i, (name, img) in enumerate(panels):
-        ax = axes[0, i]
+        ax = axes.ravel()[i]
         ax.imshow(img, cmap="magma" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.axis("off")

@@ -110,6 +110,8 @@ def _features(img: np.ndarray, mask: np.ndarray | None, cfg: RigidConfig):
         det = cv2.ORB_create(nfeatures=cfg.n_features)
     kps, desc = det.detectAndCompute(u8, m)
     pts = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
+    if cfg.detector == "sift":
+        pts -= 0.25  # OpenCV's SIFT reports positions a quarter pixel off (upsampled octave)
     return pts, desc
 
 
@@ -217,7 +219,8 @@ def rotation_search(
         m2 = m @ np.array([[1, 0, -shift[1]], [0, 1, -shift[0]], [0, 0, 1.0]])
         return _layout_score_small(t_small, s_small, tm_small, sm_small, m2), m2
 
-    up, dn = np.diag([1 / f, 1 / f, 1.0]), np.diag([f, f, 1.0])
+    dn = _scale_matrix(f)
+    up = np.linalg.inv(dn)
     found: list[RigidResult] = []
     for flipped in [False, True] if cfg.try_flip else [False]:
         angles = np.arange(0.0, 360.0, cfg.rotation_step_deg)
@@ -234,6 +237,12 @@ def rotation_search(
                 RigidResult(up @ m @ dn, "rotation-search", flipped=flipped, ncc_final=score)
             )
     return found
+
+
+def _scale_matrix(f: float) -> np.ndarray:
+    """Affine from full-size to ``cv2.resize(fx=f)`` pixel coordinates (pixel centres kept)."""
+    o = 0.5 * f - 0.5
+    return np.array([[f, 0.0, o], [0.0, f, o], [0.0, 0.0, 1.0]])
 
 
 def _small(img: np.ndarray, f: float, sigma: float = 2.0) -> np.ndarray:
@@ -264,7 +273,7 @@ def layout_score(
     (range -2..2). Blurring makes it compare tissue layout rather than stain texture.
     """
     f = size / max(target.shape)
-    sd = np.diag([f, f, 1.0])
+    sd = _scale_matrix(f)
     m = sd @ matrix @ np.linalg.inv(sd)
     tm = None if target_mask is None else _small(target_mask.astype(np.float32), f)
     sm = None if source_mask is None else _small(source_mask.astype(np.float32), f)
@@ -296,7 +305,7 @@ def ecc_refine(
     for size in sizes:
         f = min(1.0, size / max(target.shape))
         t, s = _small(target, f, 1.0), _small(source, f, 1.0)
-        sd = np.diag([f, f, 1.0])
+        sd = _scale_matrix(f)
         m_small = sd @ matrix @ np.linalg.inv(sd)
         warp = np.ascontiguousarray(m_small[:2], dtype=np.float32)
         try:
@@ -336,12 +345,12 @@ def selection_score(
     score = 0.0
     for size, sigma in ((256, 2.0), (512, 1.0)):
         f = min(1.0, size / max(target.shape))
-        sd = np.diag([f, f, 1.0])
+        sd = _scale_matrix(f)
         t, s = _small(target, f, sigma), _small(source, f, sigma)
         score += ncc(t, warp_affine(s, sd @ matrix @ np.linalg.inv(sd), t.shape))
     if target_mask is not None and source_mask is not None:
         f = 256 / max(target.shape)
-        sd = np.diag([f, f, 1.0])
+        sd = _scale_matrix(f)
         tm = _small(target_mask.astype(np.float32), f)
         sm = _small(source_mask.astype(np.float32), f)
         score += 0.5 * ncc(tm, warp_affine(sm, sd @ matrix @ np.linalg.inv(sd), tm.shape))

@@ -34,7 +34,7 @@ from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_
 from wsireg_flow.pipeline import PairJob, write_json
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
-from wsireg_flow.qc import overlay, save_figure
+from wsireg_flow.qc import html_report, overlay, save_figure
 from wsireg_flow.stages import fingerprint, run_stage
 from wsireg_flow.transform import Transform, TransformChain
 from wsireg_flow.warp import warp_slide
@@ -231,23 +231,41 @@ def stack_metrics(job: StackJob) -> dict[str, Any]:
     return out
 
 
-def stack_qc(job: StackJob, size: int = 512) -> Path:
-    """One figure: every warped section, and each overlaid on the reference (red/green)."""
+def stack_qc(job: StackJob, metrics: dict[str, Any] | None = None, size: int = 512) -> Path:
+    """Stack figure (all sections + overlays on the reference) and an HTML page with one row
+    (section) per warped section: its landmark errors and its overlay on the reference.
+    Returns the page.
+    """
     imgs = []
     for k in range(len(job.sections)):
         s = open_slide(job.run_dir / "sections" / f"{job.name(k)}.zarr")
         lv = level_for_max_side(s.shapes, size)
         h, w = s.shapes[lv][:2]
-        imgs.append(s.read_region(lv, 0, 0, h, w)[..., :3])
+        img = s.read_region(lv, 0, 0, h, w)
+        imgs.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3])
     ref = imgs[job.ref]
+    qc = job.run_dir / "qc"
     panels = [
         (f"{job.name(k)}{' (reference)' if k == job.ref else ''}", im) for k, im in enumerate(imgs)
     ]
-    panels += [
-        (f"{job.name(k)} on reference", overlay(ref, im))
-        for k, im in enumerate(imgs)
-        if k != job.ref
-    ]
-    return save_figure(
-        job.run_dir / "qc" / "stack.png", panels, "Stack registered to the reference"
+    stack_png = save_figure(
+        qc / "stack.png", panels, "Sections warped into the reference frame", ncols=4
     )
+    by_name = {r["section"]: r for r in (metrics or {}).get("sections", [])}
+    rows = [
+        ("Stack", [("sections", len(job.sections)), ("reference", job.name(job.ref))], [stack_png])
+    ]
+    for k, im in enumerate(imgs):
+        name = job.name(k)
+        fig = save_figure(
+            qc / f"{name}-on-reference.png",
+            [(f"{name} (green) on reference (red)", overlay(ref, im))],
+        )
+        m = by_name.get(name, {})
+        table: list[tuple[str, object]] = [
+            ("section", str(job.sections[k])),
+            ("reference", k == job.ref),
+        ]
+        table += [(key, m[key]) for key in ("initial_median_rtre", "median_rtre") if key in m]
+        rows.append((name, table, [fig]))
+    return html_report(qc / "report.html", "wsireg-flow stack", rows)

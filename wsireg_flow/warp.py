@@ -124,6 +124,7 @@ def warp_slide(
         max_side=max_side,
         codec=codec,
         overwrite=overwrite,
+        labels=nearest,
         progress=progress,
         extra_attrs={"source": str(source.path), "warped_into": "target frame"},
     )

@@ -53,6 +53,7 @@ def ngff_multiscales(
     pixel_size_um: float | None,
     downsamples: list[float],
     name: str = "image",
+    labels: bool = False,
 ) -> dict[str, Any]:
     """The ``multiscales`` entry for an NGFF 0.4 (c, y, x) pyramid.
 
@@ -87,7 +88,7 @@ def ngff_multiscales(
             {"name": "x", **space},
         ],
         "datasets": datasets,
-        "type": "2x2 box average (cv2.INTER_AREA)",
+        "type": "nearest (every second pixel)" if labels else "2x2 box average (cv2.INTER_AREA)",
     }
 
 
@@ -148,9 +149,13 @@ def write_ngff_pyramid(
     codec: str = "lz4",
     extra_attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
+    labels: bool = False,
     progress: ProgressFn | None = None,
 ) -> Path:
     """Write a (y, x, c) dask array as an NGFF 0.4 (c, y, x) pyramid, chunk by chunk.
+
+    With ``labels`` coarser levels take every second pixel (nearest neighbour) instead of the
+    2x2 average, so a label mask keeps only its own values at every level.
 
     Level 0 is computed from ``level0`` one output chunk at a time (Dask's threaded scheduler);
     each coarser level is read back from the level just written and halved with a 2x2 box
@@ -187,7 +192,7 @@ def write_ngff_pyramid(
         for k in range(1, len(shapes)):
             prev = da.from_array(arrays[k - 1], chunks=(c, 2 * chunk, 2 * chunk), lock=False)
             down = prev.map_blocks(
-                downsample2_cyx,
+                _nearest2_cyx if labels else downsample2_cyx,
                 chunks=(
                     (c,),
                     tuple((n + 1) // 2 for n in prev.chunks[1]),
@@ -197,7 +202,9 @@ def write_ngff_pyramid(
             )
             _store(down, arrays[k], progress, f"{name} level {k}")
         attrs = {
-            "multiscales": [ngff_multiscales(len(shapes), pixel_size_um, downsamples, name)],
+            "multiscales": [
+                ngff_multiscales(len(shapes), pixel_size_um, downsamples, name, labels)
+            ],
             "omero": _omero(c, np.dtype(level0.dtype)),
             "wsireg_flow": {
                 **(extra_attrs or {}),
@@ -208,6 +215,11 @@ def write_ngff_pyramid(
         }
         group.attrs.update(json.loads(json.dumps(attrs)))
     return out
+
+
+def _nearest2_cyx(block: np.ndarray) -> np.ndarray:
+    """Every second pixel of a (c, y, x) block (label pyramids)."""
+    return np.ascontiguousarray(block[:, ::2, ::2])
 
 
 def _store(src: da.Array, target: zarr.Array, progress: ProgressFn | None, stage: str) -> None:

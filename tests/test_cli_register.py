@@ -1,0 +1,232 @@
+"""End-to-end ``wsireg-flow register`` on a real ANHIR pair (lung-lesion_3, CD31 <- HE).
+
+The pair is registered once per module through ``wsireg_flow.cli.main``; the tests then check
+the run directory: transform, warped NGFF pyramid, warped landmarks, metrics, QC figures, and
+the one-line errors of the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zarr
+from ome_zarr_models.v04.image import Image
+
+from wsireg_flow.cli import main
+from wsireg_flow.io.slide import open_slide
+from wsireg_flow.landmarks import read_landmarks
+from wsireg_flow.rigid import ncc
+from wsireg_flow.tissue import intensity_stats, normalized_intensity, optical_density, tissue_mask
+from wsireg_flow.transform import Transform
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "anhir-sample"
+CASE = DATA / "lung-lesion_3" / "scale-5pc"
+TARGET = CASE / "29-041-Izd2-w35-CD31-3-les3.jpg"
+SOURCE = CASE / "29-041-Izd2-w35-He-les3.jpg"
+TARGET_LM = CASE / "29-041-Izd2-w35-CD31-3-les3.csv"
+SOURCE_LM = CASE / "29-041-Izd2-w35-He-les3.csv"
+TARGET_SHAPE = (660, 895)  # (y, x) from data/anhir-sample/dataset.csv
+N_LANDMARKS = 80
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _args(out: Path, source: Path = SOURCE) -> list[str]:
+    return [
+        "register",
+        str(TARGET),
+        str(source),
+        "--out",
+        str(out),
+        "--target-landmarks",
+        str(TARGET_LM),
+        "--source-landmarks",
+        str(SOURCE_LM),
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(_args(out))
+    return {"code": code, "dir": out, "stdout": stdout.getvalue()}
+
+
+def test_register_exits_zero_and_prints_summary(run: dict[str, object]) -> None:
+    assert run["code"] == 0
+    summary = json.loads(str(run["stdout"]).strip().splitlines()[-1])
+    assert summary["out"] == str(run["dir"])
+    assert summary["median_rtre"] < summary["initial_median_rtre"]
+
+
+def test_run_directory_holds_transform(run: dict[str, object]) -> None:
+    d = Path(run["dir"])  # type: ignore[arg-type]
+    for name in ("affine.json", "backward.zarr", "inverse.zarr"):
+        assert (d / "transform" / name).exists(), name
+    t = Transform.load(d / "transform")
+    assert t.target_shape == TARGET_SHAPE
+    assert t.backward is not None and t.inverse is not None
+    # the warped source landmarks are the transform's source -> target map of the source CSV
+    warped = read_landmarks(d / "warped-source-landmarks.csv")
+    np.testing.assert_allclose(warped, t.source_to_target(read_landmarks(SOURCE_LM)), atol=1e-3)
+    warped_t = read_landmarks(d / "warped-target-landmarks.csv")
+    np.testing.assert_allclose(warped_t, t.target_to_source(read_landmarks(TARGET_LM)), atol=1e-3)
+
+
+def test_warped_is_ngff_pyramid_in_target_frame(run: dict[str, object]) -> None:
+    path = Path(run["dir"]) / "warped.zarr"  # type: ignore[arg-type]
+    group = zarr.open_group(str(path), mode="r")
+    Image.from_zarr(group)  # validates the NGFF 0.4 metadata
+    ms = group.attrs["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    level0 = group[ms["datasets"][0]["path"]]
+    assert level0.shape == (3, *TARGET_SHAPE)
+    assert level0.dtype == np.uint8
+
+
+def test_warped_landmark_files_have_all_rows(run: dict[str, object]) -> None:
+    d = Path(run["dir"])  # type: ignore[arg-type]
+    for name in ("warped-source-landmarks.csv", "warped-target-landmarks.csv"):
+        pts = read_landmarks(d / name)
+        assert pts.shape == (N_LANDMARKS, 2), name
+        assert np.all(np.isfinite(pts))
+        lines = (d / name).read_text().strip().splitlines()
+        assert len(lines) == N_LANDMARKS + 1  # header + one row per landmark
+
+
+def test_metrics_landmark_scores(run: dict[str, object]) -> None:
+    metrics = json.loads((Path(run["dir"]) / "metrics.json").read_text())  # type: ignore[arg-type]
+    lm = metrics["landmarks"]
+    print(
+        f"\nCD31 <- HE: initial median rTRE {lm['initial_median_rtre']:.5f}, "
+        f"median rTRE {lm['median_rtre']:.5f}, max {lm['max_rtre']:.5f}, "
+        f"robustness {lm['robustness']:.3f}"
+    )
+    assert lm["n_landmarks"] == N_LANDMARKS
+    assert lm["diagonal"] == pytest.approx(1112.0, abs=0.5)
+    assert lm["median_rtre"] < lm["initial_median_rtre"]
+    assert lm["robustness"] >= 0.9
+    # measured 0.0043 (initial 0.065): well below 1 % of the diagonal
+    assert lm["median_rtre"] < 0.01
+    assert metrics["rigid"]["method"]
+
+
+def test_qc_figures_are_png(run: dict[str, object]) -> None:
+    qc = Path(run["dir"]) / "qc"  # type: ignore[arg-type]
+    for name in ("overlay.png", "checkerboard.png"):
+        p = qc / name
+        assert p.stat().st_size > 1000, name
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        img = cv2.imread(str(p))
+        assert img is not None and img.ndim == 3 and min(img.shape[:2]) > 100
+
+
+def _intensity(rgb: np.ndarray) -> np.ndarray:
+    stats = intensity_stats(optical_density(rgb), tissue_mask(rgb))
+    return cv2.GaussianBlur(normalized_intensity(rgb, stats), (0, 0), 3.0)
+
+
+def test_warped_image_is_aligned_with_target(run: dict[str, object]) -> None:
+    with open_slide(TARGET) as t, open_slide(SOURCE) as s:
+        target = t.read_region(0, 0, 0, *TARGET_SHAPE)
+        source = s.read_region(0, 0, 0, *s.shapes[0][:2])
+    with open_slide(Path(run["dir"]) / "warped.zarr") as w:  # type: ignore[arg-type]
+        warped = w.read_region(0, 0, 0, *TARGET_SHAPE)
+    unwarped = np.full_like(target, 255)  # the source as is, cropped/padded to the target
+    h, w_ = min(TARGET_SHAPE[0], source.shape[0]), min(TARGET_SHAPE[1], source.shape[1])
+    unwarped[:h, :w_] = source[:h, :w_]
+    ti = _intensity(target)
+    before, after = ncc(ti, _intensity(unwarped)), ncc(ti, _intensity(warped))
+    print(f"\nNCC target vs source: before {before:.3f}, after {after:.3f}")
+    assert after > before + 0.2
+    assert after > 0.7
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_rerun_same_job_does_no_work(run: dict[str, object]) -> None:
+    d = Path(run["dir"])  # type: ignore[arg-type]
+    before = (d / "metrics.json").stat().st_mtime_ns
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*_args(d), "--quiet"]) == 0
+    assert json.loads(stdout.getvalue().strip().splitlines()[-1])["stages_run"] == []
+    assert (d / "metrics.json").stat().st_mtime_ns == before
+
+
+@pytest.fixture(scope="module")
+def error_runs(
+    run: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """The failing invocations, as a user runs them (own process: stderr exactly as seen).
+
+    In-process runs are not reliable for this: Prefect binds its log handler to whatever
+    stderr was current when it first logged, so captured output depends on test order.
+    """
+    d = Path(run["dir"])  # type: ignore[arg-type]
+    other = CASE / "29-041-Izd2-w35-Cc10-5-les3.jpg"
+    empty = tmp_path_factory.mktemp("missing")
+    cases = {
+        "other_job": ["register", str(TARGET), str(other), "--out", str(d), "--quiet"],
+        "missing": [
+            "register",
+            str(TARGET),
+            str(empty / "nothere.jpg"),
+            "--out",
+            str(empty / "run"),
+            "--quiet",
+        ],
+    }
+    procs = {
+        k: subprocess.Popen(
+            [sys.executable, "-m", "wsireg_flow.cli", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k, args in cases.items()
+    }  # both at once: each pays the Prefect start-up (~10 s)
+    out = {}
+    for k, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        out[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    out["missing_dir"] = empty  # type: ignore[assignment]
+    return out
+
+
+def test_other_job_into_existing_run_dir_fails_with_one_line(
+    run: dict[str, object], error_runs: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    d = Path(run["dir"])  # type: ignore[arg-type]
+    res = error_runs["other_job"]
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("wsireg-flow: error: ")
+    assert str(d) in lines[0] and "--overwrite" in lines[0]
+    assert (d / "metrics.json").is_file()  # the finished run is untouched
+
+
+def test_missing_source_fails_with_one_line_and_no_run_dir(
+    error_runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    empty = Path(error_runs["missing_dir"])  # type: ignore[arg-type]
+    res = error_runs["missing"]
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("wsireg-flow: error: ")
+    assert str(empty / "nothere.jpg") in lines[0]
+    assert list(empty.iterdir()) == []  # no run directory, no partial/hidden directory

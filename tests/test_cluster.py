@@ -1,0 +1,204 @@
+"""A pair registered on a real Dask cluster gives the same result as the threaded scheduler.
+
+A ``dask scheduler`` and two ``dask worker`` processes (one thread each) are started with the
+venv's ``dask`` command line, bound to 127.0.0.1 only; the tile tasks of the non-rigid stage run
+on them through ``cfg.dask.scheduler = "tcp://127.0.0.1:PORT"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from wsireg_flow.config import Config
+from wsireg_flow.field import load_field
+from wsireg_flow.landmarks import read_landmarks
+from wsireg_flow.parallel import dask_scheduler
+from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
+TARGET = CASE / "29-041-Izd2-w35-CD31-3-les3.jpg"
+SOURCE = CASE / "29-041-Izd2-w35-Cc10-5-les3.jpg"
+DASK = Path(sys.executable).parent / "dask"
+N_WORKERS = 2
+TILE_TASK = "register_tile"  # key prefix of the non-rigid tile tasks (client.map of the fn)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a process started here and its children (its own process group)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A scheduler and two single-thread workers on 127.0.0.1; yields address and a client."""
+    from distributed import Client
+
+    work = tmp_path_factory.mktemp("dask-cluster")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+
+    def start(name: str, args: list[str]) -> None:
+        log = work / f"{name}.log"
+        logs.append(log)
+        with open(log, "wb") as fh:
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK), *args],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=work,
+                    env=env,
+                    start_new_session=True,  # own process group: teardown reaches the nanny's child
+                )
+            )
+
+    try:
+        port = address.rsplit(":", 1)[1]
+        start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"])
+        for i in range(N_WORKERS):
+            start(
+                f"worker-{i}",
+                [
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--memory-limit",
+                    "2GB",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                    "--name",
+                    f"w{i}",
+                    "--local-directory",
+                    str(work / f"worker-{i}"),
+                ],
+            )
+        with Client(address, timeout="60s") as client:
+            try:
+                client.wait_for_workers(N_WORKERS, timeout=60)
+            except TimeoutError:
+                text = "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in logs)
+                raise AssertionError(f"Dask workers did not connect:\n{text}") from None
+            yield {"address": address, "client": client, "logs": logs}
+    finally:
+        for proc in reversed(procs):  # workers first, then the scheduler
+            _stop(proc)
+
+
+def _executed_tile_tasks(client: Any) -> dict[str, int]:
+    """Worker address -> number of distinct tile tasks it executed (from its state log)."""
+
+    def count(dask_worker: Any) -> int:
+        keys = {
+            entry[0]
+            for entry in dask_worker.state.log
+            if len(entry) >= 3
+            and entry[1] == "executing"
+            and entry[2] == "memory"
+            and str(entry[0]).startswith(TILE_TASK)
+        }
+        return len(keys)
+
+    return client.run(count)
+
+
+def _n_tiles(run_dir: Path) -> int:
+    levels = json.loads((run_dir / "nonrigid" / "levels.json").read_text())["levels"]
+    final = json.loads((run_dir / "stitch.json").read_text())["level"]
+    return sum(level["tiles"] for level in [*levels, final])
+
+
+def _run(out: Path, scheduler: str) -> dict[str, bool]:
+    cfg = Config()
+    cfg.dask.scheduler = scheduler
+    job = PairJob(
+        TARGET,
+        SOURCE,
+        out,
+        cfg,
+        target_landmarks=TARGET.with_suffix(".csv"),
+        source_landmarks=SOURCE.with_suffix(".csv"),
+    )
+    with dask_scheduler(job.cfg.dask) as sched:
+        if scheduler.startswith("tcp://"):
+            assert not isinstance(sched, str)  # a distributed.Client, not a local scheduler
+            assert sched.scheduler.address == scheduler
+        return run_pair(job, scheduler=sched)
+
+
+def test_cluster_gives_the_threaded_result(cluster: dict[str, Any], tmp_path: Path) -> None:
+    client = cluster["client"]
+    assert len(client.scheduler_info()["workers"]) == N_WORKERS
+    assert all(
+        w["host"] == "127.0.0.1" and w["nthreads"] == 1
+        for w in client.scheduler_info()["workers"].values()
+    )
+    before = _executed_tile_tasks(client)
+    assert sum(before.values()) == 0
+
+    on_cluster, threaded = tmp_path / "cluster", tmp_path / "threads"
+    t0 = time.perf_counter()
+    assert all(_run(on_cluster, cluster["address"]).values())
+    t1 = time.perf_counter()
+    assert all(_run(threaded, "threads").values())
+    print(f"\npair on the cluster {t1 - t0:.2f} s, threaded {time.perf_counter() - t1:.2f} s")
+
+    # every tile task of the cluster run executed on the workers, and both workers took part
+    executed = _executed_tile_tasks(client)
+    n_tiles = _n_tiles(on_cluster)
+    print(f"\ntile tasks per worker: {executed} ({n_tiles} tiles)")
+    assert n_tiles >= 4
+    assert sum(executed.values()) == n_tiles
+    assert len(executed) == N_WORKERS and min(executed.values()) >= 1
+
+    a = load_field(on_cluster / "transform" / "backward.zarr").data
+    b = load_field(threaded / "transform" / "backward.zarr").data
+    assert a.shape == b.shape
+    assert np.abs(b).max() > 1.0  # a real (non-identity) field
+    print(f"backward field: max |cluster - threads| = {np.abs(a - b).max():.2e} px")
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    for name in ("warped-source-landmarks.csv", "warped-target-landmarks.csv"):
+        pa, pb = read_landmarks(on_cluster / name), read_landmarks(threaded / name)
+        assert pa.shape == pb.shape == (80, 2), name
+        np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-4, err_msg=name)
+    stages = json.loads((on_cluster / "metrics.json").read_text())["stage_seconds"]
+    assert set(stages) >= set(PAIR_STAGES[:-2])
