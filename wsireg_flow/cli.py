@@ -232,6 +232,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from wsireg_flow.synthetic import synthesize_pair
+
+    try:
+        h, w = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise WsiregError(f"--size must look like 40000x40000, got {args.size!r}") from None
+    if min(h, w) < 256:
+        raise WsiregError(f"--size must be at least 256x256, got {args.size!r}")
+    info = synthesize_pair(
+        args.out, (h, w), seed=args.seed, overwrite=args.overwrite, progress=_progress(args)
+    )
+    print(json.dumps({"out": str(args.out), **info}))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_to_yaml(_config(args)), end="")
     return 0
@@ -361,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="Write a synthetic slide pair with ground truth.")
+    p.add_argument("--size", default="10000x10000", help="HEIGHTxWIDTH in pixels.")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("config", help="Print the effective configuration as YAML.")
     _add_common(p)

@@ -61,8 +61,11 @@ def export_ome_tiff(
     tile: int = 512,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    slide: Slide | None = None,
 ) -> Path:
     """Write every level of ``source`` (OME-Zarr or any readable slide) as one OME-TIFF.
+
+    ``slide`` may supply the pixels instead (an already opened, possibly lazy, view).
 
     JPEG needs uint8 with 1 or 3 channels; anything else is written with deflate.
     Written to a temporary name and renamed when complete.
@@ -70,7 +73,7 @@ def export_ome_tiff(
     out = Path(out)
     if out.exists() and not overwrite:
         raise WsiregError("output exists (use --overwrite to replace it)", out)
-    slide = open_slide(source)
+    slide = slide if slide is not None else open_slide(source)
     h, w, c = slide.shapes[0]
     if compression == "jpeg" and not (slide.dtype == np.uint8 and c in (1, 3)):
         compression = "deflate"

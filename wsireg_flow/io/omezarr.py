@@ -227,7 +227,7 @@ def _store(src: da.Array, target: zarr.Array, progress: ProgressFn | None, stage
     # A private pool, shut down (waiting for running tasks) before returning or raising: when
     # one chunk fails, dask raises at once while other threads still read the slide and write
     # the output, which would race with closing the slide and removing the partial output.
-    pool = ContextAwareThreadPoolExecutor(CPU_COUNT)
+    pool = ContextAwareThreadPoolExecutor(dask.config.get("num_workers", None) or CPU_COUNT)
     try:
         if progress is None:
             dask.compute(stored, scheduler="threads", pool=pool)
