@@ -96,6 +96,7 @@ def process_inbox(
             )
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = reason.replace(str(claimed), manifest.name)
             os.replace(claimed, box / "failed" / claimed.name)
             (box / "failed" / f"{claimed.stem}.reason.txt").write_text(
                 f"{type(exc).__name__}: {reason}\n"

@@ -76,7 +76,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from wsireg_flow.pipeline import PAIR_STAGES, PairJob, check_inputs, job_is_complete
+    from wsireg_flow.pipeline import (
+        PAIR_STAGES,
+        PairJob,
+        check_inputs,
+        check_run_dir,
+        job_is_complete,
+    )
 
     cfg = _config(args)
     if args.scheduler:
@@ -90,6 +96,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         source_landmarks=args.source_landmarks,
     )
     check_inputs(job)  # fail before any orchestration starts
+    check_run_dir(job, args.overwrite)
     if not args.overwrite and job_is_complete(job):
         # a finished job with unchanged inputs and settings: nothing to orchestrate
         ran = dict.fromkeys(PAIR_STAGES, False)

@@ -240,6 +240,22 @@ class PairJob:
         return open_slide(self.run_dir / "ingest" / f"{which}.zarr")
 
 
+def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
+    """Refuse (before any work) a run directory that holds another job, unless ``overwrite``."""
+    d = job.run_dir
+    if overwrite or not d.exists() or not any(d.iterdir()):
+        return
+    job_file = d / "job.json"
+    try:
+        same = job_file.is_file() and _same_job(json.loads(job_file.read_text()), job.describe())
+    except ValueError:
+        same = False
+    if not same:
+        raise WsiregError(
+            "run directory exists and holds other results (use --overwrite to replace it)", d
+        )
+
+
 def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
     """Create the run directory, or check that an existing one holds the same job.
 

@@ -1,0 +1,420 @@
+"""The ANHIR benchmark end to end (``wsireg-flow anhir``), checked against ../shared/ANHIR.md.
+
+The 8 sample pairs are registered ONCE per module through the command line (the Prefect
+``anhir`` flow, as users run it); the submission folder is then checked file by file and its
+scores are recomputed here from the written CSVs with an independent implementation of the
+protocol (``csv`` + ``numpy`` only, no ``wsireg_flow.metrics``).
+
+A second, small dataset copy (3 pairs, one source image replaced by garbage) covers failed
+pairs, ``--strict``, resuming, and evaluation pairs (no target landmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "anhir-sample"
+TABLE = DATA / "dataset.csv"
+N_PAIRS = 8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# The ANHIR pair table columns, in order (../shared/ANHIR.md, "Dataset layout").
+ANHIR_COLUMNS = [
+    "",
+    "Target image",
+    "Source image",
+    "Target landmarks",
+    "Source landmarks",
+    "status",
+    "Image size [pixels]",
+    "Image diagonal [pixels]",
+    "Warped target landmarks",
+    "Warped source landmarks",
+    "Execution time [minutes]",
+]
+SUMMARY_KEYS = {
+    "AMrTRE",
+    "MMrTRE",
+    "AArTRE",
+    "AMxrTRE",
+    "average_robustness",
+    "pairs",
+    "failed_pairs",
+    "minutes_per_pair",
+}
+
+pytestmark = pytest.mark.usefixtures("prefect_env")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _cli(argv: list[str]) -> dict[str, Any]:
+    """Run ``wsireg-flow`` in-process; exit code, stdout, stderr and wall time."""
+    from wsireg_flow.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return {
+        "code": code,
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _anhir_argv(dataset: Path, pairs: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "anhir",
+        "--dataset",
+        str(dataset),
+        "--pairs",
+        str(pairs),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _write_table(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _points(path: Path) -> np.ndarray:
+    """An ANHIR landmark CSV (columns found by name) as (N, 2) (x, y); empty cells -> NaN."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return np.array(
+        [
+            [
+                float(r["X"]) if r["X"].strip() else math.nan,
+                float(r["Y"]) if r["Y"].strip() else math.nan,
+            ]
+            for r in rows
+        ],
+        np.float64,
+    ).reshape(-1, 2)
+
+
+def _markers(run_dir: Path) -> dict[str, str]:
+    """Stage completion markers of a pair run directory (file contents)."""
+    return {m.name: m.read_text() for m in sorted((run_dir / ".stages").glob("*.json"))}
+
+
+def _independent_scores(submission: Path, dataset: Path) -> dict[str, Any]:
+    """The ANHIR protocol re-implemented from the written CSVs (csv + numpy only)."""
+    _, rows = _read_table(submission / "registration-results.csv")
+    per_pair: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if not r["Target landmarks"].strip():
+            continue  # evaluation pair: nothing to score against
+        target = _points(dataset / r["Target landmarks"])
+        source = _points(dataset / r["Source landmarks"])
+        n = min(len(target), len(source))
+        target, source = target[:n], source[:n]
+        initial = np.sqrt(((source - target) ** 2).sum(axis=1))
+        if r["Warped source landmarks"].strip():
+            warped = np.full((n, 2), np.nan)
+            w = _points(submission / r["Warped source landmarks"])[:n]
+            warped[: len(w)] = w
+            final = np.sqrt(((warped - target) ** 2).sum(axis=1))
+            missing = ~np.isfinite(final)
+            final = np.where(missing, initial, final)  # a NaN landmark counts as unregistered
+            robust = (final < initial) & ~missing
+        else:  # failed / missing pair: initial error, robustness 0
+            final = initial
+            robust = np.zeros(n, bool)
+        diag = float(r["Image diagonal [pixels]"])
+        per_pair[r[""]] = {
+            "initial_median": float(np.median(initial / diag)),
+            "median": float(np.median(final / diag)),
+            "mean": float(np.mean(final / diag)),
+            "max": float(np.max(final / diag)),
+            "robustness": float(np.mean(robust)),
+        }
+    med = np.array([p["median"] for p in per_pair.values()])
+    return {
+        "pairs": per_pair,
+        "AMrTRE": float(np.mean(med)),
+        "MMrTRE": float(np.median(med)),
+        "AArTRE": float(np.mean([p["mean"] for p in per_pair.values()])),
+        "AMxrTRE": float(np.mean([p["max"] for p in per_pair.values()])),
+        "average_robustness": float(np.mean([p["robustness"] for p in per_pair.values()])),
+        "initial_AMrTRE": float(np.mean([p["initial_median"] for p in per_pair.values()])),
+    }
+
+
+# -- the full sample, once ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def full(prefect_env: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("anhir-full") / "submission"
+    res = _cli(_anhir_argv(DATA, TABLE, out))
+    print(f"\n[anhir] 8 pairs via the CLI: {res['seconds']:.1f} s, exit {res['code']}")
+    return {**res, "out": out}
+
+
+def test_full_run_exits_zero_and_prints_the_summary(full: dict[str, Any]) -> None:
+    assert full["code"] == 0, full["stderr"]
+    assert full["stderr"] == ""
+    assert "MEVIS" in full["stdout"]
+    assert "wsireg-flow (this run)" in full["stdout"]
+
+
+def test_registration_results_table_is_a_complete_submission(full: dict[str, Any]) -> None:
+    out: Path = full["out"]
+    header, rows = _read_table(out / "registration-results.csv")
+    assert header == ANHIR_COLUMNS
+    assert len(rows) == N_PAIRS
+    _, given = _read_table(TABLE)
+    assert [r[""] for r in rows] == [r[""] for r in given]
+    for r, g in zip(rows, given, strict=True):
+        # input columns are passed through verbatim
+        for col in ANHIR_COLUMNS[:8]:
+            assert r[col] == g[col], (r[""], col)
+        for col in ("Warped source landmarks", "Warped target landmarks"):
+            rel = r[col]
+            assert rel, (r[""], col)
+            assert not Path(rel).is_absolute(), rel
+            assert (out / rel).is_file(), (r[""], rel)
+        minutes = float(r["Execution time [minutes]"])
+        assert 0 < minutes < 10
+        # one warped landmark per source (resp. target) landmark
+        assert len(_points(out / r["Warped source landmarks"])) == len(
+            _points(DATA / r["Source landmarks"])
+        )
+        assert len(_points(out / r["Warped target landmarks"])) == len(
+            _points(DATA / r["Target landmarks"])
+        )
+        assert np.isfinite(_points(out / r["Warped source landmarks"])).all()
+
+
+def test_computer_performances_describe_the_machine(full: dict[str, Any]) -> None:
+    perf = json.loads((full["out"] / "computer-performances.json").read_text())
+    assert perf["cores_logical"] >= 1
+    assert perf["cores_physical"] is None or perf["cores_physical"] >= 1
+    assert perf["memory_GB"] > 0.5
+    assert 0 < perf["benchmark_seconds"] < 60
+
+
+def test_scores_figures_and_summary_are_written(full: dict[str, Any]) -> None:
+    out: Path = full["out"]
+    _, pairs = _read_table(out / "scores" / "pairs.csv")
+    assert sorted(p["index"] for p in pairs) == [str(i) for i in range(N_PAIRS)]
+    _, aggs = _read_table(out / "scores" / "aggregates.csv")
+    groups = {(a["group"], a["name"]) for a in aggs}
+    assert ("overall", "all") in groups and ("status", "training") in groups
+    assert {n for g, n in groups if g == "tissue"} == {"rat-kidney_", "lesions_", "lung-lesion_3"}
+    md = (out / "scores" / "summary.md").read_text()
+    for method in ("MEVIS", "UPENN", "AGH", "CKVST", "elastix"):
+        assert method in md
+    assert (out / "figures" / "rtre-boxplot.png").read_bytes()[:8] == PNG_MAGIC
+    for i in range(N_PAIRS):
+        png = out / "figures" / "overlays" / f"{i}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["pairs"] == N_PAIRS
+    assert summary["failed_pairs"] == 0
+    assert 0 < summary["minutes_per_pair"] < 10
+    assert json.loads((out / "failures.json").read_text()) == {}
+
+
+def test_summary_agrees_with_an_independent_computation(full: dict[str, Any]) -> None:
+    out: Path = full["out"]
+    mine = _independent_scores(out, DATA)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(mine["pairs"]) == summary["pairs"] == N_PAIRS
+    for key in ("AMrTRE", "MMrTRE", "AArTRE", "AMxrTRE", "average_robustness", "initial_AMrTRE"):
+        assert summary[key] == pytest.approx(mine[key], abs=1e-9, rel=0), key
+    # per pair too (pairs.csv holds 6 significant digits)
+    _, rows = _read_table(out / "scores" / "pairs.csv")
+    for r in rows:
+        p = mine["pairs"][r["index"]]
+        assert float(r["median_rtre"]) == pytest.approx(p["median"], rel=1e-5)
+        assert float(r["max_rtre"]) == pytest.approx(p["max"], rel=1e-5)
+        assert float(r["robustness"]) == pytest.approx(p["robustness"], rel=1e-5)
+    # the sample's unregistered level stated in ANHIR.md (about 0.049)
+    assert mine["initial_AMrTRE"] == pytest.approx(0.049, abs=0.003)
+    # registration improves every pair
+    for index, p in mine["pairs"].items():
+        assert p["median"] < p["initial_median"], index
+    print(
+        "\n[anhir] AMrTRE {AMrTRE:.5f}  MMrTRE {MMrTRE:.5f}  AArTRE {AArTRE:.5f}  "
+        "AMxrTRE {AMxrTRE:.5f}  robustness {average_robustness:.3f}  "
+        "(initial AMrTRE {initial_AMrTRE:.5f})".format(**mine)
+    )
+    print(
+        "[anhir] per-pair median rTRE: "
+        + ", ".join(f"{i}: {p['median']:.5f}" for i, p in mine["pairs"].items())
+    )
+    print(f"[anhir] minutes per pair: {summary['minutes_per_pair']:.4f}")
+
+
+# -- a failed pair, --strict, resuming ------------------------------------------------------------
+BROKEN_INDEX = "1"  # lesions_: its source image is replaced by garbage
+
+
+@pytest.fixture(scope="module")
+def broken(prefect_env: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A dataset copy with one unreadable source image, run three times on its first 3 pairs."""
+    base = tmp_path_factory.mktemp("anhir-broken")
+    dataset = base / "dataset"
+    shutil.copytree(DATA, dataset)
+    _, rows = _read_table(dataset / "dataset.csv")
+    bad = dataset / next(r for r in rows if r[""] == BROKEN_INDEX)["Source image"]
+    bad.write_bytes(b"this is not an image\x00\x01\x02" * 100)
+    out = base / "submission"
+    argv = _anhir_argv(dataset, dataset / "dataset.csv", out, "--limit", "3")
+    first = _cli(argv)
+    markers = {i: _markers(out / "pairs" / i) for i in ("0", "2")}
+    snapshot = {
+        name: (out / name).read_text()
+        for name in ("summary.json", "failures.json", "scores/pairs.csv")
+    }
+    second = _cli(argv)
+    markers_second = {i: _markers(out / "pairs" / i) for i in ("0", "2")}
+    strict = _cli([*argv, "--strict"])
+    print(
+        f"\n[anhir] 3 pairs (1 broken): first {first['seconds']:.1f} s, "
+        f"re-run {second['seconds']:.1f} s, --strict re-run {strict['seconds']:.1f} s"
+    )
+    return {
+        "dataset": dataset,
+        "out": out,
+        "bad": bad,
+        "first": first,
+        "second": second,
+        "strict": strict,
+        "markers": markers,
+        "markers_second": markers_second,
+        "snapshot": snapshot,
+    }
+
+
+def test_a_failed_pair_does_not_stop_the_run(broken: dict[str, Any]) -> None:
+    first = broken["first"]
+    assert first["code"] == 0
+    err = first["stderr"].strip().splitlines()
+    assert len(err) == 1 and "1 pair(s) failed" in err[0] and "failures.json" in err[0]
+    assert broken["strict"]["code"] != 0
+    assert "1 pair(s) failed" in broken["strict"]["stderr"]
+
+
+def test_failures_json_names_the_pair_and_the_problem(broken: dict[str, Any]) -> None:
+    failures = json.loads((broken["out"] / "failures.json").read_text())
+    assert list(failures) == [BROKEN_INDEX]
+    reason = failures[BROKEN_INDEX]
+    assert broken["bad"].name in reason
+    assert "not a supported image" in reason
+    summary = json.loads((broken["out"] / "summary.json").read_text())
+    assert summary["failed_pairs"] == 1
+    assert summary["pairs"] == 3
+
+
+def test_failed_pair_is_scored_as_unregistered(broken: dict[str, Any]) -> None:
+    out, dataset = broken["out"], broken["dataset"]
+    _, table = _read_table(out / "registration-results.csv")
+    assert [r[""] for r in table] == ["0", "1", "2"]
+    by_index = {r[""]: r for r in table}
+    assert by_index[BROKEN_INDEX]["Warped source landmarks"] == ""
+    assert by_index[BROKEN_INDEX]["Warped target landmarks"] == ""
+    for i in ("0", "2"):
+        rel = by_index[i]["Warped source landmarks"]
+        assert rel and (out / rel).is_file()
+        assert np.isfinite(_points(out / rel)).all()
+    _, scores = _read_table(out / "scores" / "pairs.csv")
+    row = {r["index"]: r for r in scores}[BROKEN_INDEX]
+    assert float(row["robustness"]) == 0.0
+    for stat in ("median", "mean", "max"):
+        assert row[f"{stat}_rtre"] == row[f"initial_{stat}_rtre"]
+    assert row["registered"] == "False"
+    assert row["failure"]
+    # and the summary still agrees with the independent protocol, failed pair included
+    mine = _independent_scores(out, dataset)
+    summary = json.loads((out / "summary.json").read_text())
+    assert mine["pairs"][BROKEN_INDEX]["robustness"] == 0.0
+    assert mine["pairs"][BROKEN_INDEX]["median"] == mine["pairs"][BROKEN_INDEX]["initial_median"]
+    for key in ("AMrTRE", "MMrTRE", "AArTRE", "AMxrTRE", "average_robustness"):
+        assert summary[key] == pytest.approx(mine[key], abs=1e-9, rel=0), key
+
+
+def test_rerun_skips_pairs_already_done(broken: dict[str, Any]) -> None:
+    first, second = broken["first"], broken["second"]
+    assert second["code"] == 0
+    assert second["seconds"] < first["seconds"] / 3, (second["seconds"], first["seconds"])
+    assert broken["markers_second"] == broken["markers"]
+    assert all(len(m) == 9 for m in broken["markers"].values())  # every pair stage finished
+    # the resumed run writes the same results
+    for name, text in broken["snapshot"].items():
+        if name == "summary.json":
+            old, new = json.loads(text), json.loads((broken["out"] / name).read_text())
+            for key in ("AMrTRE", "MMrTRE", "average_robustness", "failed_pairs"):
+                assert new[key] == old[key]
+        elif name == "failures.json":
+            assert (broken["out"] / name).read_text() == text
+
+
+# -- evaluation pairs ---------------------------------------------------------------------------
+def test_evaluation_pair_is_registered_but_not_scored(
+    broken: dict[str, Any], tmp_path: Path
+) -> None:
+    """Pair 0 (training, resumed from the broken run) + pair 3 as an evaluation pair."""
+    dataset: Path = broken["dataset"]
+    header, rows = _read_table(dataset / "dataset.csv")
+    train = next(r for r in rows if r[""] == "0")
+    evaluation = dict(next(r for r in rows if r[""] == "3"))
+    evaluation["status"] = "evaluation"
+    evaluation["Target landmarks"] = ""
+    table = dataset / "dataset-evaluation.csv"
+    _write_table(table, header, [train, evaluation])
+    out = tmp_path / "submission"
+    shutil.copytree(broken["out"] / "pairs" / "0", out / "pairs" / "0")  # resumes: no work
+    res = _cli(_anhir_argv(dataset, table, out))
+    assert res["code"] == 0, res["stderr"]
+    assert _markers(out / "pairs" / "0") == broken["markers"]["0"]
+
+    _, written = _read_table(out / "registration-results.csv")
+    by_index = {r[""]: r for r in written}
+    assert set(by_index) == {"0", "3"}
+    ev = by_index["3"]
+    assert ev["status"] == "evaluation"
+    assert ev["Target landmarks"] == ""
+    assert ev["Warped target landmarks"] == ""
+    assert float(ev["Execution time [minutes]"]) > 0
+    warped = _points(out / ev["Warped source landmarks"])
+    assert len(warped) == len(_points(dataset / ev["Source landmarks"]))
+    assert np.isfinite(warped).all()
+    # inside the target image (660 x 895): the source landmarks really were mapped
+    assert (warped[:, 0] > 0).all() and (warped[:, 0] < 895).all()
+    assert (warped[:, 1] > 0).all() and (warped[:, 1] < 660).all()
+
+    _, scores = _read_table(out / "scores" / "pairs.csv")
+    assert [r["index"] for r in scores] == ["0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 1
+    assert summary["failed_pairs"] == 0
+    _, aggs = _read_table(out / "scores" / "aggregates.csv")
+    assert ("status", "evaluation") not in {(a["group"], a["name"]) for a in aggs}
