@@ -50,7 +50,7 @@ def test_defaults() -> None:
     assert cfg.rigid.ratio == 0.8
     assert (cfg.rigid.scale_min, cfg.rigid.scale_max) == (0.5, 2.0)
     assert (cfg.nonrigid.max_side, cfg.nonrigid.levels) == (4096, 2)
-    assert cfg.nonrigid.smooth_sigma == 2.0
+    assert cfg.nonrigid.smooth_sigma == 5.0
     assert (cfg.nonrigid.tile, cfg.nonrigid.overlap, cfg.nonrigid.margin) == (512, 128, 32)
     assert cfg.dask.scheduler == "threads"
     assert cfg.dask.n_workers is None

@@ -130,9 +130,14 @@ def cmd_stack(args: argparse.Namespace) -> int:
     if args.scheduler:
         cfg.dask.scheduler = args.scheduler
     sections = collect_sections(args.slides)
-    if args.sort:
-        sections = sorted(sections, key=lambda p: p.name)
-    job = StackJob(sections, args.out, cfg, args.reference, args.landmarks)
+    landmarks = args.landmarks
+    if landmarks is not None and len(landmarks) != len(sections):
+        raise WsiregError(f"{len(landmarks)} landmark files for {len(sections)} sections")
+    if args.sort:  # keep each section with its landmark file
+        order = sorted(range(len(sections)), key=lambda k: sections[k].name)
+        sections = [sections[k] for k in order]
+        landmarks = None if landmarks is None else [landmarks[k] for k in order]
+    job = StackJob(sections, args.out, cfg, args.reference, landmarks)
     result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
     summary = {
         "out": str(args.out),

@@ -523,7 +523,8 @@ def qc_figures(
     landmarks: tuple[np.ndarray, np.ndarray] | None = None,
     size: int = 1024,
 ) -> list[Path]:
-    """Overlays before/after, checkerboard and tile confidence maps as PNGs."""
+    """QC PNGs: overlays before/after, landmark arrows before/after (when given), checkerboard,
+    tile confidence per level, deformation grid and Jacobian map."""
     t_img, dt = _preview(target, size)
     w_img, _ = _preview(warped, size)
     w_img = cv2.resize(w_img, (t_img.shape[1], t_img.shape[0]), interpolation=cv2.INTER_AREA)
@@ -531,11 +532,6 @@ def qc_figures(
     before = np.full_like(t_img, 255)
     hh, ww = min(before.shape[0], s_img.shape[0]), min(before.shape[1], s_img.shape[1])
     before[:hh, :ww] = s_img[:hh, :ww]
-    arrows = None
-    if landmarks is not None:
-        t_pts, s_pts = landmarks
-        warped_pts = transform.source_to_target(s_pts)
-        arrows = [(s_pts / ds, t_pts / dt), (warped_pts / dt, t_pts / dt)]
     paths = [
         save_figure(
             qc_dir / "overlay.png",
@@ -543,10 +539,21 @@ def qc_figures(
                 ("before (target red, source green)", overlay(t_img, before)),
                 ("after", overlay(t_img, w_img)),
             ],
-            "Registration overlay"
-            + (" with landmarks: arrows end at the target" if arrows else ""),
-            arrows,
+            "Registration overlay",
         ),
+    ]
+    if landmarks is not None:
+        t_pts, s_pts = landmarks
+        warped_pts = transform.source_to_target(s_pts)
+        paths.append(
+            save_figure(
+                qc_dir / "landmarks.png",
+                [("before: source -> target", t_img), ("after: warped source -> target", t_img)],
+                "Landmark errors (arrows end at the target landmarks)",
+                [(s_pts / ds, t_pts / dt), (warped_pts / dt, t_pts / dt)],
+            )
+        )
+    paths += [
         save_figure(
             qc_dir / "checkerboard.png", [("checkerboard after", checkerboard(t_img, w_img))]
         ),
