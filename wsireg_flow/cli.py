@@ -412,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Prefect prints tracebacks of failed runs on its console handler: our one-line error
         # says it; the run's logs still reach a Prefect server's API handler.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        logging.getLogger("prefect").propagate = False  # not to the root handler below
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:

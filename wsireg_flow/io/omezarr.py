@@ -51,7 +51,7 @@ def compressor(name: str = "lz4", level: int = 5) -> numcodecs.Blosc:
 def ngff_multiscales(
     n_levels: int,
     pixel_size_um: float | None,
-    downsamples: list[float],
+    downsamples: list[tuple[float, float]],
     name: str = "image",
     labels: bool = False,
 ) -> dict[str, Any]:
@@ -63,8 +63,9 @@ def ngff_multiscales(
         Number of levels, named ``"0"`` .. ``str(n_levels - 1)``.
     pixel_size_um : float or None
         Micrometres per level-0 pixel; None writes scales in level-0 pixels without a unit.
-    downsamples : list of float
-        Level-0 pixels per pixel of each level (along y and x).
+    downsamples : list of (float, float)
+        Level-0 pixels per pixel of each level, (along y, along x): odd sizes make the two
+        differ slightly (e.g. 2967 -> 1484 rows is 1.99933, 2220 -> 1110 columns is 2).
     """
     space: dict[str, Any] = {"type": "space"}
     if pixel_size_um is not None:
@@ -74,7 +75,10 @@ def ngff_multiscales(
         {
             "path": str(k),
             "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, base * downsamples[k], base * downsamples[k]]}
+                {
+                    "type": "scale",
+                    "scale": [1.0, base * downsamples[k][0], base * downsamples[k][1]],
+                }
             ],
         }
         for k in range(n_levels)
@@ -172,7 +176,7 @@ def write_ngff_pyramid(
         raise ValueError(f"level0 must be (y, x, c), got shape {level0.shape}")
     h, w, c = (int(s) for s in level0.shape)
     shapes = pyramid_shapes(h, w, max_side)
-    downsamples = [float(np.mean([h / s[0], w / s[1]])) for s in shapes]
+    downsamples = [(h / s[0], w / s[1]) for s in shapes]
     with atomic_directory(out, overwrite) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         arrays = [
