@@ -155,10 +155,25 @@ def sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
             .astype(np.float32)
             .reshape(2, *shape)
         )
-    mx = np.asarray(xs, np.float32).ravel()
-    my = np.asarray(ys, np.float32).ravel()
     if field.shape[1] >= _CV_MAX or field.shape[2] >= _CV_MAX:
         raise ValueError(f"field grid {field.shape[1:]} exceeds OpenCV's remap limit")
+    if len(shape) == 2 and max(shape) < _CV_MAX:  # a grid: one remap per component, no copies
+        my2 = np.asarray(ys, np.float32)
+        mx2 = np.asarray(xs, np.float32)
+        return np.stack(
+            [
+                cv2.remap(
+                    np.ascontiguousarray(field[k], dtype=np.float32),
+                    mx2,
+                    my2,
+                    cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE,
+                )
+                for k in range(2)
+            ]
+        )
+    mx = np.asarray(xs, np.float32).ravel()
+    my = np.asarray(ys, np.float32).ravel()
     n = mx.size
     cols = 4096
     rows = -(-n // cols) if n else 0
