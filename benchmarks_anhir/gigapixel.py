@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             st = " ".join(f"{k}={v}" for k, v in r["seconds_per_stage"].items())
             print(
                 f"{size:>7} {workers:>7} {r['seconds_total']:>8} {r['peak_rss_gb']:>8} "
-                f"{r['megapixels_per_second']:>7} {r['tre_px_median']:>8} {r['tre_px_p90']:>8}  {st}",
+                f"{r['megapixels_per_second']:>7} {r['tre_px_median']:>8} "
+                f"{r['tre_px_p90']:>8}  {st}",
                 flush=True,
             )
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -248,12 +248,14 @@ def summary_markdown(summary: dict[str, Any], aggs: Sequence[dict[str, Any]]) ->
         "",
         "## Aggregates",
         "",
-        "| group | name | pairs | AMrTRE | MMrTRE | AArTRE | AMxrTRE | robustness | initial AMrTRE |",
+        "| group | name | pairs | AMrTRE | MMrTRE | AArTRE | AMxrTRE | robustness "
+        "| initial AMrTRE |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in aggs:
         lines.append(
-            f"| {a['group']} | {a['name']} | {a['pairs']} | {_fmt(a['AMrTRE'])} | {_fmt(a['MMrTRE'])} "
+            f"| {a['group']} | {a['name']} | {a['pairs']} | {_fmt(a['AMrTRE'])} "
+            f"| {_fmt(a['MMrTRE'])} "
             f"| {_fmt(a['AArTRE'])} | {_fmt(a['AMxrTRE'])} | {_fmt(a['average_robustness'], 3)} "
             f"| {_fmt(a['initial_AMrTRE'])} |"
         )

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
 from benchmarks_anhir.run import (
     PairOutcome,
     load_dataset,
@@ -17,9 +20,6 @@ from benchmarks_anhir.run import (
     write_outputs,
 )
 from flows.common import flow_progress
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-
 from wsireg_flow.config import Config
 from wsireg_flow.errors import WsiregError
 from wsireg_flow.landmarks import Pair

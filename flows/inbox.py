@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from flows.pair import register_pair
-from flows.stack import register_stack
 from prefect import flow, get_run_logger
 
+from flows.pair import register_pair
+from flows.stack import register_stack
 from wsireg_flow.config import load_config
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve
 from wsireg_flow.pipeline import PairJob

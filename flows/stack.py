@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from flows.common import flow_progress, transient_only
-from flows.pair import pair_stage
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import flow_progress, transient_only
+from flows.pair import pair_stage
 from wsireg_flow.parallel import dask_scheduler
 from wsireg_flow.pipeline import check_inputs, prepare_run_dir, write_json
 from wsireg_flow.progress import ProgressFn

@@ -49,7 +49,7 @@ def test_warped_output_opens_with_ome_zarr_reader(
     from test_qc_report import register_lung_pair
 
     run = register_lung_pair(tmp_path_factory)
-    data, meta = _read(run / "warped.zarr")
+    data, _meta = _read(run / "warped.zarr")
     assert tuple(data[0].shape) == (3, 660, 895)
     level0 = np.moveaxis(np.asarray(data[0]), 0, -1)
     np.testing.assert_array_equal(

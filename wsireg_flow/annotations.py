@@ -11,6 +11,7 @@ non-rigid warp bends them.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -30,7 +31,7 @@ def _densify(ring: np.ndarray, step: float) -> np.ndarray:
     if step <= 0 or len(ring) < 2:
         return ring
     out = [ring[0]]
-    for a, b in zip(ring[:-1], ring[1:], strict=True):
+    for a, b in itertools.pairwise(ring):
         n = int(np.ceil(np.linalg.norm(b - a) / step))
         for k in range(1, n):
             out.append(a + (b - a) * k / n)

@@ -132,7 +132,8 @@ class DaskConfig(_Section):
 
     scheduler: str = Field(
         "threads",
-        description="'threads', 'local' (a LocalCluster sized to the machine) or a scheduler address.",
+        description="'threads', 'local' (a LocalCluster sized to the machine) or a scheduler "
+        "address.",
     )
     n_workers: int | None = Field(None, ge=1, description="LocalCluster workers (None: cores).")
     memory_limit: str = Field("4GB", description="Per-worker memory limit of a LocalCluster.")

@@ -50,7 +50,8 @@ def rotation_about(
     scale: float = 1.0,
     flip_width: float | None = None,
 ) -> np.ndarray:
-    """Target->source affine: rotate by ``angle_deg`` about the target centre onto the source centre.
+    """Target->source affine: rotate by ``angle_deg`` about the target centre onto the source
+    centre.
 
     With ``flip_width`` the source is additionally mirrored in x (x -> flip_width - 1 - x).
     """

@@ -31,8 +31,8 @@ import dask.array as da
 import numpy as np
 
 from wsireg_flow.field import StoredField
-from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.ometiff import export_ome_tiff
+from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.landmarks import Pair, image_diagonal, write_landmarks, write_pair_table
 from wsireg_flow.progress import ProgressFn
@@ -150,7 +150,7 @@ def truth_transform(size: tuple[int, int], seed: int, params: TruthParams) -> Tr
     s = params.spacing
     gh, gw = -(-h // s), -(-w // s)
     rng = np.random.default_rng(seed)
-    coarse = max(2, int(round(max(h, w) / params.correlation_px)) + 2)
+    coarse = max(2, round(max(h, w) / params.correlation_px) + 2)
     raw = rng.normal(size=(2, coarse, coarse)).astype(np.float32)
     u = np.stack([cv2.resize(c, (gw, gh), interpolation=cv2.INTER_CUBIC) for c in raw])
     u *= np.float32(params.displacement_px / max(float(np.abs(u).max()), 1e-6))

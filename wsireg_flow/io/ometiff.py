@@ -74,7 +74,7 @@ def export_ome_tiff(
     if out.exists() and not overwrite:
         raise WsiregError("output exists (use --overwrite to replace it)", out)
     slide = slide if slide is not None else open_slide(source)
-    h, w, c = slide.shapes[0]
+    _h, _w, c = slide.shapes[0]
     if compression == "jpeg" and not (slide.dtype == np.uint8 and c in (1, 3)):
         compression = "deflate"
     codec = "jpeg" if compression == "jpeg" else "zlib"

@@ -110,7 +110,7 @@ class Slide:
             ) from exc
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-friendly summary: kind, series, level shapes (y, x, c), downsamples, pixel size."""
+        """JSON-friendly summary: kind, series, level shapes (y, x, c), downsamples, pixel size."""
         return {
             "path": str(self.path),
             "kind": self.kind,
@@ -243,7 +243,7 @@ def _check_not_truncated(series: Any, p: Path) -> None:
             ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
             if ends and max(ends) > size:
                 raise InputError(
-                    f"file is truncated: image data end at byte {max(ends)} but the file has {size}",
+                    f"file is truncated: image data end at byte {max(ends)}, the file has {size}",
                     p,
                 )
 
