@@ -31,6 +31,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).",
+    )
+    p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
+
+
 def _config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     if getattr(args, "pixel_size", None) is not None:
@@ -292,13 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="Run directory to create.")
     p.add_argument("--target-landmarks", type=Path, default=None, help="ANHIR CSV (x, y).")
     p.add_argument("--source-landmarks", type=Path, default=None, help="ANHIR CSV (x, y).")
-    p.add_argument(
-        "--scheduler",
-        default=None,
-        help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).",
-    )
-    p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
+    _add_run_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_register)
 
@@ -314,13 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="One ANHIR landmark CSV per section (same order) to score the stack.",
     )
-    p.add_argument(
-        "--scheduler",
-        default=None,
-        help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).",
-    )
-    p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
+    _add_run_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_stack)
 

@@ -201,7 +201,8 @@ def rotation_search(
     """Exhaustive rotation (and mirror) search at ``size`` px, translation by phase correlation.
 
     Every ``rotation_step_deg`` is tried (scale 1; ECC refines scale later), then the best angle
-    is refined in 1-degree steps. Each candidate is scored by :func:`layout_score`. Returns the
+    is refined in 1-degree steps. Candidates are scored by blurred intensity and tissue-mask NCC
+    at ``size`` px. Returns the
     unrotated candidate and the best rotated one (when different), for each mirroring: blurred
     layouts can prefer a wrong symmetric pose, so the caller decides after refinement.
     """
@@ -257,27 +258,6 @@ def _layout_score_small(
     if tm is not None and sm is not None:
         score += ncc(tm, warp_affine(sm, m, tm.shape))
     return score
-
-
-def layout_score(
-    target: np.ndarray,
-    source: np.ndarray,
-    target_mask: np.ndarray | None,
-    source_mask: np.ndarray | None,
-    matrix: np.ndarray,
-    size: int = 256,
-) -> float:
-    """How well a target->source affine lays the source's tissue over the target's.
-
-    NCC of the blurred intensity images plus NCC of the blurred tissue masks, at ``size`` px
-    (range -2..2). Blurring makes it compare tissue layout rather than stain texture.
-    """
-    f = size / max(target.shape)
-    sd = _scale_matrix(f)
-    m = sd @ matrix @ np.linalg.inv(sd)
-    tm = None if target_mask is None else _small(target_mask.astype(np.float32), f)
-    sm = None if source_mask is None else _small(source_mask.astype(np.float32), f)
-    return _layout_score_small(_small(target, f), _small(source, f), tm, sm, m)
 
 
 def _centroid(img: np.ndarray) -> tuple[float, float]:
@@ -371,7 +351,7 @@ def coarse_alignment(
     """Coarse target->source affine at the working level (see module docstring).
 
     Candidates (feature fit when plausible, rotation search always) are refined by ECC and the
-    one with the best :func:`layout_score` wins.
+    one with the best :func:`selection_score` wins.
 
     Raises
     ------
