@@ -33,7 +33,16 @@ def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
     inside workers are limited to 1 to avoid oversubscription.
     """
     if cfg.scheduler in LOCAL_SCHEDULERS:
-        yield cfg.scheduler
+        # Dask's threads already use the cores: OpenCV's own pool inside each task would
+        # oversubscribe them, so it is limited to one thread for the duration.
+        import cv2
+
+        before = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            yield cfg.scheduler
+        finally:
+            cv2.setNumThreads(before)
         return
     from distributed import Client, LocalCluster
 
