@@ -330,7 +330,7 @@ def test_truncated_tiff_tile_data(tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError) as exc:
         open_slide(path)
-    _assert_input_error(exc, path, f"but the file has {len(data) // 2}")
+    _assert_input_error(exc, path, f"the file has {len(data) // 2}")
 
 
 def test_truncated_jpeg(tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ class IOConfig(_Section):
     pyramid_max_side: int = Field(
         1024, ge=64, description="Downsample by 2 until the longest side is at most this (px)."
     )
-    codec: Literal["lz4", "zstd"] = Field("lz4", description="Blosc codec (bit-shuffled).")
+    codec: Literal["lz4", "zstd"] = Field(
+        "lz4", description="Blosc codec: lz4 (fast, no shuffle) or zstd (smaller, bit-shuffle)."
+    )
     registration_min_side: int = Field(
         128,
         ge=32,
@@ -186,7 +188,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError("config file not found", p)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"not valid YAML ({first})", p) from None
     if data is None:

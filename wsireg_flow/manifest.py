@@ -49,7 +49,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"not a readable YAML manifest ({first})", p) from None
     if not isinstance(data, dict):

@@ -90,8 +90,8 @@ def map_tasks(
             return list(dask.compute(*tasks, scheduler=scheduler))
     from distributed import as_completed
 
-    shared = [scheduler.scatter(a, broadcast=True) for a in args]
-    futures = scheduler.map(fn, items, *[[s] * len(items) for s in shared], pure=False)
+    # args travel inside the tasks (not scattered): a lost worker's tasks can be re-run elsewhere
+    futures = scheduler.map(fn, items, *[[a] * len(items) for a in args], pure=False)
     done = 0
     if progress:
         progress(stage, 0, len(futures))

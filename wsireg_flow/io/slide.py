@@ -202,7 +202,11 @@ def _open_tiff(p: Path) -> Slide:
             if hasattr(group, "shape")
             else [group[str(k)] for k in range(len(series.levels))]
         )
-        levels = [_YXCView(a, series.levels[k].axes) for k, a in enumerate(raw)]
+        fd = _Fd(os.open(p, os.O_RDONLY))
+        levels: list[Any] = []
+        for k, a in enumerate(raw):
+            direct = _TiledLevel.try_create(series.levels[k], fd.fd)
+            levels.append(direct if direct is not None else _YXCView(a, series.levels[k].axes))
         kind = "ome-tiff" if tf.is_ome else "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "tiff"
         mpp = tiff_pixel_size_um(tf)
     except InputError:
@@ -211,7 +215,7 @@ def _open_tiff(p: Path) -> Slide:
     except Exception as exc:
         tf.close()
         raise InputError(f"unsupported or corrupt TIFF ({_first_line(exc)})", p) from exc
-    return Slide(p, levels, mpp, kind, series.name or "", [tf])
+    return Slide(p, levels, mpp, kind, series.name or "", [tf, fd])
 
 
 def choose_main_series(series: Sequence[tuple[str, tuple[int, ...], str]]) -> int:
@@ -296,6 +300,88 @@ def _positive(text: str) -> float | None:
     except ValueError:
         return None
     return v if v > 0 and np.isfinite(v) else None
+
+
+class _Fd:
+    """A raw file descriptor closed with the slide."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _TiledLevel:
+    """Direct reader of one tiled TIFF level as (y, x, c): reads only the tiles a region
+    touches with ``os.pread`` and decodes them with tifffile's per-page decoder.
+
+    tifffile's Zarr store runs every read and decode inside zarr's single event-loop thread,
+    which serialises Dask's worker threads; this reader releases the GIL while decoding, so
+    reads scale with threads. Used for single-page, chunky (interleaved) tiled levels; other
+    layouts go through the Zarr store.
+    """
+
+    def __init__(self, page: Any, fd: int) -> None:
+        self._page = page
+        self._fd = fd
+        self._decode = page.decode
+        self._tables = getattr(page, "jpegtables", None)
+        self._th, self._tw = int(page.tilelength), int(page.tilewidth)
+        h, w = int(page.imagelength), int(page.imagewidth)
+        c = int(page.samplesperpixel)
+        self.shape = (h, w, c)
+        self.dtype = np.dtype(page.dtype)
+        self.ndim = 3
+        self._ntx = -(-w // self._tw)
+        self._offsets = page.dataoffsets
+        self._counts = page.databytecounts
+
+    @classmethod
+    def try_create(cls, level: Any, fd: int) -> _TiledLevel | None:
+        pages = getattr(level, "pages", None)
+        if not pages or len(pages) != 1:
+            return None
+        page = pages[0]
+        if page is None or not getattr(page, "is_tiled", False):
+            return None
+        if int(getattr(page, "imagedepth", 1)) != 1 or int(getattr(page, "tiledepth", 1)) != 1:
+            return None
+        if int(page.samplesperpixel) > 1 and int(page.planarconfig) != 1:  # planar: use zarr
+            return None
+        return cls(page, fd)
+
+    def _tile(self, ty: int, tx: int) -> np.ndarray | None:
+        i = ty * self._ntx + tx
+        count = int(self._counts[i])
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, int(self._offsets[i]))
+        seg, _, _ = self._decode(data, i, jpegtables=self._tables)
+        return None if seg is None else seg.reshape(self._th, self._tw, -1)
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        ys, xs, cs = key
+        h, w, c = self.shape
+        y0, y1, _ = ys.indices(h)
+        x0, x1, _ = xs.indices(w)
+        out = np.zeros((max(0, y1 - y0), max(0, x1 - x0), c), self.dtype)
+        if out.size == 0:
+            return out[:, :, cs]
+        for ty in range(y0 // self._th, (y1 - 1) // self._th + 1):
+            for tx in range(x0 // self._tw, (x1 - 1) // self._tw + 1):
+                tile = self._tile(ty, tx)
+                if tile is None:
+                    continue
+                ty0, tx0 = ty * self._th, tx * self._tw
+                sy0, sy1 = max(y0, ty0), min(y1, ty0 + self._th)
+                sx0, sx1 = max(x0, tx0), min(x1, tx0 + self._tw)
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
+                ]
+        return out[:, :, cs]
 
 
 class _YXCView:
