@@ -33,7 +33,7 @@ def background_value(channels: int, dtype: np.dtype, nearest: bool) -> int:
 
 def warp_chunk(
     transform: Transform | TransformChain | InverseView,
-    source_path: str,
+    source: Slide | str,
     y0: int,
     x0: int,
     h: int,
@@ -49,7 +49,8 @@ def warp_chunk(
     finite = np.isfinite(mx) & np.isfinite(my)
     if not finite.any():
         return out
-    with open_slide(source_path) as src:
+    src = open_slide(source) if isinstance(source, str) else source
+    try:
         sh, sw = src.shapes[0][:2]
         bx0 = max(int(np.floor(mx[finite].min())) - 1, 0)
         by0 = max(int(np.floor(my[finite].min())) - 1, 0)
@@ -60,6 +61,9 @@ def warp_chunk(
         if bx1 - bx0 >= CV_MAX or by1 - by0 >= CV_MAX:
             raise ValueError(f"source box {(by1 - by0, bx1 - bx0)} exceeds OpenCV's limit")
         crop = src.read_region(0, by0, bx0, by1, bx1)
+    finally:
+        if isinstance(source, str):
+            src.close()
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     res = cv2.remap(
         np.ascontiguousarray(crop),
@@ -90,9 +94,7 @@ def warped_level0(
     def block(_: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
         assert block_info is not None
         (yy0, yy1), (xx0, xx1), _c = block_info[None]["array-location"]
-        return warp_chunk(
-            transform, str(source.path), yy0, xx0, yy1 - yy0, xx1 - xx0, c, dtype, nearest
-        )
+        return warp_chunk(transform, source, yy0, xx0, yy1 - yy0, xx1 - xx0, c, dtype, nearest)
 
     return template.map_blocks(block, dtype=dtype)
 
