@@ -156,11 +156,11 @@ def _format_errors(exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
+            parts.append(f"unknown key {key!r}")  # repr: one line whatever the key
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            parts.append(f"'{key}': {err['msg']}{shown}")
+            parts.append(f"{key!r}: {err['msg']}{shown}")
     return "; ".join(parts)
 
 

@@ -57,7 +57,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     try:
         m = Manifest.model_validate(data)
     except ValidationError as exc:
-        parts = [f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()]
+        parts = [f"{'.'.join(map(str, e['loc']))!r}: {e['msg']}" for e in exc.errors()]
         raise InputError(f"invalid manifest: {'; '.join(parts)}", p) from None
     if m.kind == "pair" and (not m.target or not m.source):
         raise InputError("a pair manifest needs 'target' and 'source'", p)
