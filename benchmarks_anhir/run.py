@@ -148,17 +148,27 @@ def computer_performances() -> dict[str, Any]:
 
 
 # -- scoring from the written files ------------------------------------------------------------
-def score_submission(submission: Path, root: Path) -> list[dict[str, Any]]:
+def score_submission(
+    submission: Path, root: Path, unscorable: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Score every pair of ``submission/registration-results.csv`` that has target landmarks.
 
     A pair without a warped-source file (failed) counts as unregistered: initial error, R = 0.
+    A pair whose reference landmarks cannot be read cannot be scored at all: it is left out
+    and its reason recorded in ``unscorable`` (index -> reason) when a dict is given.
     """
     rows = []
     for p in read_pair_table(submission / "registration-results.csv"):
         if not p.target_landmarks:
             continue
-        target = read_landmarks(resolve_path(root, p.target_landmarks))
-        source = read_landmarks(resolve_path(root, p.source_landmarks))
+        try:
+            target = read_landmarks(resolve_path(root, p.target_landmarks))
+            source = read_landmarks(resolve_path(root, p.source_landmarks))
+        except InputError as exc:
+            if unscorable is None:
+                raise
+            unscorable[p.index] = str(exc)
+            continue
         warped = None
         if p.warped_source_landmarks:
             warped = read_landmarks(resolve_path(submission, p.warped_source_landmarks))
@@ -339,7 +349,8 @@ def write_outputs(
     (out / "computer-performances.json").write_text(json.dumps(computer_performances(), indent=2))
     failures = {i: o.reason for i, o in outcomes.items() if not o.ok}
     (out / "failures.json").write_text(json.dumps(failures, indent=2))
-    rows = score_submission(out, root)
+    unscorable: dict[str, str] = {}
+    rows = score_submission(out, root, unscorable)
     for r in rows:
         r["failure"] = failures.get(r["index"], "")
     _write_csv(out / "scores" / "pairs.csv", rows)
@@ -378,6 +389,7 @@ def write_outputs(
         for k in ("AMrTRE", "MMrTRE", "AArTRE", "AMxrTRE", "average_robustness"):
             summary[k] = None
     summary["failures"] = failures
+    summary["unscorable"] = unscorable
     (out / "scores").mkdir(parents=True, exist_ok=True)
     (out / "scores" / "summary.md").write_text(
         summary_markdown(summary, aggs) if rows else "# no scored pairs\n"

@@ -505,6 +505,12 @@ def read_pair_table(path: str | Path) -> list[Pair]:
     return pairs
 
 
+def _format_diagonal(value: float) -> str:
+    """ANHIR writes diagonals with one decimal; values that would round to 0 keep their digits."""
+    text = f"{value:.1f}"
+    return text if float(text) > 0 or value == 0 else repr(float(value))
+
+
 def write_pair_table(
     path: str | Path, pairs: Sequence[Pair], columns: Sequence[str] | None = None
 ) -> None:
@@ -542,7 +548,7 @@ def write_pair_table(
     rows: list[list[object]] = [[*PAIR_TABLE_COLUMNS, *extra_columns]]
     for pair in pairs:
         size = "" if pair.image_size is None else f"({pair.image_size[0]}, {pair.image_size[1]})"
-        diagonal = "" if pair.image_diagonal is None else f"{pair.image_diagonal:.1f}"
+        diagonal = "" if pair.image_diagonal is None else _format_diagonal(pair.image_diagonal)
         minutes = (
             "" if pair.execution_time_minutes is None else repr(float(pair.execution_time_minutes))
         )

@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 
 from wsireg_flow.config import Config
-from wsireg_flow.errors import WsiregError
+from wsireg_flow.errors import InputError, RegistrationError, WsiregError
 from wsireg_flow.field import jacobian_determinant, sample
 from wsireg_flow.io.omezarr import atomic_directory, ingest
-from wsireg_flow.io.slide import Slide, open_slide
+from wsireg_flow.io.slide import Slide, open_slide, probe_shape
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
 from wsireg_flow.metrics import score_pair
 from wsireg_flow.nonrigid import TileResult
@@ -300,7 +300,13 @@ def stage_ingest(job: PairJob, which: str, progress: ProgressFn | None = None) -
 
 
 def stage_preprocess(job: PairJob) -> list[str]:
-    pre = preprocess(job.slide("target"), job.slide("source"), job.cfg)
+    target, source = job.slide("target"), job.slide("source")
+    check_physical_sizes(target, source, job.source)
+    try:
+        pre = preprocess(target, source, job.cfg)
+    except InputError as exc:  # name the user's file, not the run's ingested copy
+        which = job.target if exc.path == target.path else job.source
+        raise InputError(str(exc).split(": ", 1)[-1], which) from None
     path = job.run_dir / "preprocess.npz"
     tmp = path.with_name(".preprocess.tmp.npz")
     pre.save(tmp)
@@ -308,9 +314,34 @@ def stage_preprocess(job: PairJob) -> list[str]:
     return ["preprocess.npz"]
 
 
+def check_physical_sizes(
+    target: Slide, source: Slide, source_name: Path | str, max_ratio: float = 3.0
+) -> None:
+    """Refuse a pair whose physical extents (diagonal in um) differ by more than ``max_ratio``.
+
+    Only possible when both pixel sizes are known; serial sections of one block differ little.
+    """
+    if not (target.pixel_size_um and source.pixel_size_um):
+        return
+    ext_t = target.pixel_size_um * float(np.hypot(*target.shapes[0][:2]))
+    ext_s = source.pixel_size_um * float(np.hypot(*source.shapes[0][:2]))
+    ratio = max(ext_t, ext_s) / min(ext_t, ext_s)
+    if ratio > max_ratio:
+        raise InputError(
+            f"physical size differs from the target's by {ratio:.1f}x (pixel size "
+            f"{source.pixel_size_um:g} vs {target.pixel_size_um:g} um, diagonal "
+            f"{ext_s / 1000:.2f} vs {ext_t / 1000:.2f} mm): not sections of the same tissue, "
+            "or a wrong pixel size",
+            source_name,
+        )
+
+
 def stage_coarse(job: PairJob) -> list[str]:
     pre = Prepared.load(job.run_dir / "preprocess.npz")
-    rigid, affine0 = coarse(job.slide("target"), job.slide("source"), pre, job.cfg)
+    try:
+        rigid, affine0 = coarse(job.slide("target"), job.slide("source"), pre, job.cfg)
+    except RegistrationError as exc:
+        raise RegistrationError(str(exc), job.source) from None
     write_json(job.run_dir / "coarse.json", {"affine": affine0, "rigid": rigid.to_dict()})
     return ["coarse.json"]
 
@@ -616,13 +647,37 @@ def run_pair_stage(
 
 
 def check_inputs(job: PairJob) -> None:
-    """Fail early, before any work, on missing inputs or bad landmark files."""
+    """Fail early, before any work, on missing inputs or bad landmark files.
+
+    Landmarks must be finite and lie on their image (within one pixel of its border): a NaN
+    row or a point off the image in an input file is a mistake to report, not a landmark.
+    """
+    shapes = {}
     for p in (job.target, job.source):
         if not Path(p).exists():
             raise WsiregError("file not found", p)
-    for lm in (job.target_landmarks, job.source_landmarks):
+        shapes[p] = probe_shape(p)  # a bad image fails here, before any work
+    pairs = ((job.target_landmarks, job.target), (job.source_landmarks, job.source))
+    for lm, image in pairs:
         if lm is not None:
-            read_landmarks(lm)
+            validate_landmarks(read_landmarks(lm), shapes[image], lm)
+
+
+def validate_landmarks(points: np.ndarray, shape: tuple[int, int], path: Path | str) -> None:
+    """Refuse NaN rows and (x, y) points more than one pixel outside a (H, W) image."""
+    bad = np.flatnonzero(~np.isfinite(points).all(axis=1))
+    if bad.size:
+        raise InputError(f"landmark row {bad[0] + 1} has no coordinates (NaN)", path)
+    h, w = shape
+    out = np.flatnonzero(
+        (points[:, 0] < -1) | (points[:, 0] > w) | (points[:, 1] < -1) | (points[:, 1] > h)
+    )
+    if out.size:
+        x, y = points[out[0]]
+        raise InputError(
+            f"landmark row {out[0] + 1} at (x={x:g}, y={y:g}) lies outside the {w}x{h} image",
+            path,
+        )
 
 
 def job_is_complete(job: PairJob, stages: Sequence[str] = PAIR_STAGES) -> bool:
