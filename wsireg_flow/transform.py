@@ -91,10 +91,17 @@ class Transform:
     def backward_coords(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """Source level-0 (x, y) maps, each (h, w) float32, for the target box (level 0)."""
         r = self.residual_grid(self.backward, y0, x0, h, w)
-        ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
-        px, py = xs + r[1], ys + r[0]
+        ys = np.arange(y0, y0 + h, dtype=np.float32)[:, None]  # broadcast, no full grids
+        xs = np.arange(x0, x0 + w, dtype=np.float32)[None, :]
+        px, py = r[1] + xs, r[0] + ys
         a = self.affine.astype(np.float32)
-        return a[0, 0] * px + a[0, 1] * py + a[0, 2], a[1, 0] * px + a[1, 1] * py + a[1, 2]
+        mx = px * a[0, 0]
+        mx += py * a[0, 1]
+        mx += a[0, 2]
+        my = px * a[1, 0]
+        my += py * a[1, 1]
+        my += a[1, 2]
+        return mx, my
 
     # -- storage -----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:

@@ -60,23 +60,35 @@ def warp_chunk(
             return out
         if bx1 - bx0 >= CV_MAX or by1 - by0 >= CV_MAX:
             raise ValueError(f"source box {(by1 - by0, bx1 - bx0)} exceeds OpenCV's limit")
-        crop = src.read_region(0, by0, bx0, by1, bx1)
+        planes = _read_planes(src, by0, bx0, by1, bx1)
     finally:
         if isinstance(source, str):
             src.close()
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    res = cv2.remap(
-        np.ascontiguousarray(crop),
-        mx - bx0,
-        my - by0,
-        interp,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(fill,) * 4,
-    )
-    if res.ndim == 2:
-        res = res[:, :, None]
-    out[...] = res.astype(dtype, copy=False)
+    mx -= bx0
+    my -= by0
+    # linear: fixed-point maps give the same result (remap quantises to 1/32 px anyway) faster;
+    # nearest keeps float maps so that ties round exactly as documented
+    m1, m2 = (mx, my) if nearest else cv2.convertMaps(mx, my, cv2.CV_16SC2)
+    for k, plane in enumerate(planes):
+        out[:, :, k] = cv2.remap(
+            plane, m1, m2, interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+        )
     return out
+
+
+def _read_planes(src: Slide, y0: int, x0: int, y1: int, x1: int) -> list[np.ndarray]:
+    """Level-0 region as contiguous (y, x) planes, one per channel.
+
+    OME-Zarr levels are stored (c, y, x): reading them plane by plane avoids an interleaving
+    copy (and its inverse when the result is written back as (c, y, x)).
+    """
+    arr = getattr(src.levels[0], "_arr", None)
+    if getattr(src.levels[0], "_axes", "") == "CYX" and arr is not None:
+        block = np.asarray(arr[:, y0:y1, x0:x1])
+        return [np.ascontiguousarray(block[k]) for k in range(block.shape[0])]
+    crop = src.read_region(0, y0, x0, y1, x1)
+    return [np.ascontiguousarray(crop[:, :, k]) for k in range(crop.shape[2])]
 
 
 def warped_level0(
