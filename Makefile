@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 # Prefect keeps its state for the demo inside runs/ (no ~/.prefect), telemetry off.
 demo: $(STAMP)
+	@mkdir -p runs/.prefect
 	PREFECT_HOME=$(CURDIR)/runs/.prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	$(BIN)/wsireg-flow anhir --dataset data/anhir-sample --pairs data/anhir-sample/dataset.csv \
 		--out runs/demo --progress
