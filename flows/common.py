@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
 
 from wsireg_flow.errors import WsiregError
 from wsireg_flow.progress import ProgressFn
@@ -15,6 +15,17 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """Retry unless the failure is a user error (bad input or config): those never heal."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, WsiregError)
+
+
+# Options of every stage-like task: retry transient failures twice, user errors never; no
+# Prefect caching or result persistence (stages keep their own completion markers).
+STAGE_TASK_OPTIONS: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": 1,
+    "retry_condition_fn": transient_only,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
 
 
 def flow_progress(echo: ProgressFn | None) -> ProgressFn:
@@ -30,6 +41,3 @@ def flow_progress(echo: ProgressFn | None) -> ProgressFn:
                 pass
 
     return report
-
-
-StageCallable = Callable[[], bool]

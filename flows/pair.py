@@ -12,9 +12,8 @@ import shutil
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
-from flows.common import flow_progress, transient_only
+from flows.common import STAGE_TASK_OPTIONS, flow_progress
 from wsireg_flow.parallel import dask_scheduler
 from wsireg_flow.pipeline import (
     PAIR_STAGES,
@@ -26,15 +25,7 @@ from wsireg_flow.pipeline import (
 from wsireg_flow.progress import ProgressFn
 
 
-@task(
-    name="pair-stage",
-    task_run_name="{name}",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=transient_only,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(name="pair-stage", task_run_name="{name}", **STAGE_TASK_OPTIONS)
 def pair_stage(job: PairJob, name: str, scheduler: Any, progress: ProgressFn) -> bool:
     """Run stage ``name`` of ``job`` unless complete; True when it ran."""
     return run_pair_stage(job, name, scheduler, progress)

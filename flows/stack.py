@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import flow_progress, transient_only
+from flows.common import STAGE_TASK_OPTIONS, flow_progress
 from flows.pair import pair_stage
 from wsireg_flow.parallel import dask_scheduler
 from wsireg_flow.pipeline import check_inputs, prepare_run_dir, write_json
@@ -23,15 +23,7 @@ from wsireg_flow.stack import (
 )
 
 
-@task(
-    name="stack-section",
-    task_run_name="warp-{k}",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=transient_only,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(name="stack-section", task_run_name="warp-{k}", **STAGE_TASK_OPTIONS)
 def section_task(job: StackJob, k: int, progress: ProgressFn) -> bool:
     return warp_section(job, k, progress)
 

@@ -45,6 +45,8 @@ def _config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     if getattr(args, "pixel_size", None) is not None:
         cfg.io.pixel_size_um = args.pixel_size
+    if getattr(args, "scheduler", None):
+        cfg.dask.scheduler = args.scheduler
     return cfg
 
 
@@ -95,8 +97,6 @@ def cmd_register(args: argparse.Namespace) -> int:
     )
 
     cfg = _config(args)
-    if args.scheduler:
-        cfg.dask.scheduler = args.scheduler
     job = PairJob(
         args.target,
         args.source,
@@ -137,8 +137,6 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from wsireg_flow.stack import StackJob, collect_sections
 
     cfg = _config(args)
-    if args.scheduler:
-        cfg.dask.scheduler = args.scheduler
     sections = collect_sections(args.slides)
     landmarks = args.landmarks
     if landmarks is not None and len(landmarks) != len(sections):
@@ -184,8 +182,6 @@ def cmd_anhir(args: argparse.Namespace) -> int:
     from flows.anhir import anhir_benchmark
 
     cfg = _config(args)
-    if args.scheduler:
-        cfg.dask.scheduler = args.scheduler
     summary = anhir_benchmark(
         args.dataset,
         args.pairs,

@@ -176,18 +176,16 @@ def feature_alignment(
         candidates.append(res)
     ok = [c for c in candidates if not any("rejected" in n for n in c.notes)]
     if not ok:
-        return None if not candidates else _with_notes(None, candidates)
+        if not candidates:
+            return None
+        # every candidate rejected: a sentinel result carries the reasons back
+        notes = [n for c in candidates for n in c.notes]
+        return RigidResult(np.eye(3), "rejected", notes=notes)
     best = max(ok, key=lambda r: r.n_inliers * (1.0 if not r.flipped else 1.0 / 1.5))
     for c in candidates:
         if c is not best:
             best.notes.extend(c.notes)
     return best
-
-
-def _with_notes(result: RigidResult | None, rejected: list[RigidResult]) -> RigidResult | None:
-    # carry the rejection reasons back through a sentinel result with an invalid method
-    notes = [n for r in rejected for n in r.notes]
-    return RigidResult(np.eye(3), "rejected", notes=notes)
 
 
 def rotation_search(
