@@ -1,8 +1,8 @@
 """``anhir`` flow: every pair of an ANHIR table as a task, then the submission and the scores.
 
-With a distributed Dask cluster (``--scheduler local`` or an address) whole pairs run in
-parallel on the workers (tile work inside each pair uses the worker's threads); otherwise
-pairs run one after another and their tiles use the local scheduler.
+With a distributed Dask cluster (the default local cluster or an address) whole pairs run in
+parallel on the workers (tile work inside each pair uses the worker's threads); with
+``threads``/``sync`` pairs run one after another and their tiles use that scheduler.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flows.common import flow_progress
 from wsireg_flow.config import Config
 from wsireg_flow.errors import WsiregError
 from wsireg_flow.landmarks import Pair
-from wsireg_flow.parallel import dask_scheduler
+from wsireg_flow.parallel import dask_scheduler, resolve_scheduler
 from wsireg_flow.progress import ProgressFn
 
 
@@ -53,7 +53,8 @@ def anhir_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     progress = flow_progress(echo)
     outcomes: dict[str, PairOutcome] = {}
-    with dask_scheduler(cfg.dask) as scheduler:
+    with dask_scheduler(cfg.dask) as handle:
+        scheduler = resolve_scheduler(handle)
         if isinstance(scheduler, str):
             for k, p in enumerate(pairs):
                 outcomes[p.index] = anhir_pair(p, root, out, cfg, scheduler, progress)

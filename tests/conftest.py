@@ -24,6 +24,9 @@ PREFECT_ENV = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # tests run tiles on Dask's threaded scheduler (tests that need a LocalCluster or a real
+    # cluster say so): dozens of runs, some in parallel subprocesses, would each start one
+    "WSIREG_FLOW_SCHEDULER": "threads",
 }
 
 _saved_env: dict[str, str | None] = {}

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from wsireg_flow.config import Config
+from wsireg_flow.config import SCHEDULER_ENV, Config
 from wsireg_flow.field import load_field
 from wsireg_flow.landmarks import read_landmarks
-from wsireg_flow.parallel import dask_scheduler
+from wsireg_flow.parallel import LocalClusterOnDemand, dask_scheduler, describe_scheduler
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,72 @@ def _run(out: Path, scheduler: str) -> dict[str, bool]:
         return run_pair(job, scheduler=sched)
 
 
-def test_cluster_gives_the_threaded_result(cluster: dict[str, Any], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def threaded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pair registered with Dask's threaded scheduler (the reference result)."""
+    out = tmp_path_factory.mktemp("threaded") / "run"
+    assert all(_run(out, "threads").values())
+    return out
+
+
+def _assert_same_result(run: Path, reference: Path) -> None:
+    a = load_field(run / "transform" / "backward.zarr").data
+    b = load_field(reference / "transform" / "backward.zarr").data
+    assert a.shape == b.shape
+    assert np.abs(b).max() > 1.0  # a real (non-identity) field
+    print(f"backward field: max |run - threads| = {np.abs(a - b).max():.2e} px")
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    for name in ("warped-source-landmarks.csv", "warped-target-landmarks.csv"):
+        pa, pb = read_landmarks(run / name), read_landmarks(reference / name)
+        assert pa.shape == pb.shape == (80, 2), name
+        np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_default_is_a_local_cluster_sized_to_the_machine(threaded: Path, tmp_path: Path) -> None:
+    """The CLI with no scheduler setting runs tiles on a LocalCluster: one single-thread worker
+    per core, the machine's memory divided among them; same result as the threaded scheduler."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != SCHEDULER_ENV}
+    out = tmp_path / "default"
+    args = [
+        sys.executable, "-m", "wsireg_flow.cli", "register", str(TARGET), str(SOURCE),
+        "--out", str(out),
+        "--target-landmarks", str(TARGET.with_suffix(".csv")),
+        "--source-landmarks", str(SOURCE.with_suffix(".csv")),
+    ]  # fmt: skip
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "nonrigid" / "levels.json").read_text())["scheduler"]
+    print(f"\n{record}")
+    n = os.cpu_count() or 1
+    assert record.startswith("LocalCluster tcp://127.0.0.1:"), record
+    assert f": {n} workers x 1 thread, memory limit " in record, record
+    limit_gb = float(record.rsplit("memory limit ", 1)[1].split(" GB")[0])
+    assert limit_gb == pytest.approx(psutil.virtual_memory().total / n / 1e9, rel=0.02)
+    _assert_same_result(out, threaded)
+
+    # a second run of the finished job starts no cluster (and re-runs nothing)
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "nonrigid" / "levels.json").read_text())["scheduler"] == record
+
+
+def test_local_cluster_starts_only_when_tiles_need_it(threaded: Path) -> None:
+    cfg = Config()
+    cfg.dask.scheduler = "local"
+    job = PairJob(TARGET, SOURCE, threaded, cfg, target_landmarks=TARGET.with_suffix(".csv"),
+                  source_landmarks=SOURCE.with_suffix(".csv"))  # fmt: skip
+    with dask_scheduler(cfg.dask) as handle:
+        assert isinstance(handle, LocalClusterOnDemand) and not handle.started
+        assert not any(run_pair(job, scheduler=handle).values())  # all complete: nothing ran
+        assert not handle.started
+        assert describe_scheduler(handle).endswith("not started")
+
+
+def test_cluster_gives_the_threaded_result(
+    cluster: dict[str, Any], threaded: Path, tmp_path: Path
+) -> None:
     client = cluster["client"]
     assert len(client.scheduler_info()["workers"]) == N_WORKERS
     assert all(
@@ -175,12 +240,10 @@ def test_cluster_gives_the_threaded_result(cluster: dict[str, Any], tmp_path: Pa
     before = _executed_tile_tasks(client)
     assert sum(before.values()) == 0
 
-    on_cluster, threaded = tmp_path / "cluster", tmp_path / "threads"
+    on_cluster = tmp_path / "cluster"
     t0 = time.perf_counter()
     assert all(_run(on_cluster, cluster["address"]).values())
-    t1 = time.perf_counter()
-    assert all(_run(threaded, "threads").values())
-    print(f"\npair on the cluster {t1 - t0:.2f} s, threaded {time.perf_counter() - t1:.2f} s")
+    print(f"\npair on the cluster {time.perf_counter() - t0:.2f} s")
 
     # every tile task of the cluster run executed on the workers, and both workers took part
     executed = _executed_tile_tasks(client)
@@ -190,15 +253,8 @@ def test_cluster_gives_the_threaded_result(cluster: dict[str, Any], tmp_path: Pa
     assert sum(executed.values()) == n_tiles
     assert len(executed) == N_WORKERS and min(executed.values()) >= 1
 
-    a = load_field(on_cluster / "transform" / "backward.zarr").data
-    b = load_field(threaded / "transform" / "backward.zarr").data
-    assert a.shape == b.shape
-    assert np.abs(b).max() > 1.0  # a real (non-identity) field
-    print(f"backward field: max |cluster - threads| = {np.abs(a - b).max():.2e} px")
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
-    for name in ("warped-source-landmarks.csv", "warped-target-landmarks.csv"):
-        pa, pb = read_landmarks(on_cluster / name), read_landmarks(threaded / name)
-        assert pa.shape == pb.shape == (80, 2), name
-        np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-4, err_msg=name)
+    _assert_same_result(on_cluster, threaded)
+    record = json.loads((on_cluster / "nonrigid" / "levels.json").read_text())["scheduler"]
+    assert record.startswith(f"dask cluster {cluster['address']}: {N_WORKERS} workers x 1 thread")
     stages = json.loads((on_cluster / "metrics.json").read_text())["stage_seconds"]
     assert set(stages) >= set(PAIR_STAGES[:-2])

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from wsireg_flow.cli import main
-from wsireg_flow.config import Config, config_from_dict, config_to_yaml, load_config
+from wsireg_flow.config import SCHEDULER_ENV, Config, config_from_dict, config_to_yaml, load_config
 from wsireg_flow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +52,27 @@ def test_defaults() -> None:
     assert (cfg.nonrigid.max_side, cfg.nonrigid.levels) == (4096, 2)
     assert cfg.nonrigid.smooth_sigma == 5.0
     assert (cfg.nonrigid.tile, cfg.nonrigid.overlap, cfg.nonrigid.margin) == (512, 128, 32)
-    assert cfg.dask.scheduler == "threads"
     assert cfg.dask.n_workers is None
-    assert cfg.dask.memory_limit == "4GB"
+    assert cfg.dask.memory_limit == "auto"
     assert load_config(None) == cfg
 
 
-def test_default_yaml_mirrors_config() -> None:
+def test_default_scheduler_is_a_local_cluster_unless_the_environment_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    assert Config().dask.scheduler == "local"
+    monkeypatch.setenv(SCHEDULER_ENV, "tcp://10.0.0.5:8786")
+    assert Config().dask.scheduler == "tcp://10.0.0.5:8786"
+    assert load_config(None).dask.scheduler == "tcp://10.0.0.5:8786"
+    # a config file that names a scheduler wins over the environment
+    assert load_config(_write(tmp_path, "dask:\n  scheduler: threads\n")).dask.scheduler == (
+        "threads"
+    )
+
+
+def test_default_yaml_mirrors_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
     text = DEFAULT_YAML.read_text(encoding="utf-8")
     assert yaml.safe_load(text) == Config().model_dump(mode="json")
     # same keys in the same order, same spelling: the file is the dump plus comments

@@ -1146,9 +1146,10 @@ def test_manifest_paths_leaving_the_data_root_are_refused(tmp_path: Path) -> Non
 
 
 def test_local_cluster_listens_on_localhost_only() -> None:
-    from wsireg_flow.parallel import dask_scheduler
+    from wsireg_flow.parallel import dask_scheduler, resolve_scheduler
 
-    with dask_scheduler(DaskConfig(scheduler="local", n_workers=1)) as client:
+    with dask_scheduler(DaskConfig(scheduler="local", n_workers=1)) as handle:
+        client = resolve_scheduler(handle)
         address = client.scheduler.address
         workers = list(client.scheduler_info()["workers"])
         nannies = [w["nanny"] for w in client.scheduler_info()["workers"].values()]

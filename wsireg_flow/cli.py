@@ -35,7 +35,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
         default=None,
-        help="'threads', 'local' or a Dask scheduler address (tcp://host:8786).",
+        help="'local' (default: a Dask LocalCluster sized to this machine), 'threads' or a Dask "
+        "scheduler address (tcp://host:8786).",
     )
     p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
@@ -341,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         default=None,
-        help="'threads', 'local' or a Dask scheduler address: pairs run in parallel.",
+        help="'local' (default), 'threads' or a Dask scheduler address: pairs run in parallel "
+        "on a cluster.",
     )
     p.add_argument("--strict", action="store_true", help="Exit non-zero when a pair fails.")
     _add_common(p)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from wsireg_flow.errors import ConfigError
 
+SCHEDULER_ENV = "WSIREG_FLOW_SCHEDULER"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(
@@ -135,12 +137,16 @@ class DaskConfig(_Section):
     """Where tile work runs."""
 
     scheduler: str = Field(
-        "threads",
-        description="'threads', 'local' (a LocalCluster sized to the machine) or a scheduler "
-        "address.",
+        default_factory=lambda: os.environ.get(SCHEDULER_ENV) or "local",
+        description="'local' (a LocalCluster sized to the machine), 'threads', 'sync' or a "
+        f"scheduler address; when unset, ${SCHEDULER_ENV} or 'local'.",
     )
     n_workers: int | None = Field(None, ge=1, description="LocalCluster workers (None: cores).")
-    memory_limit: str = Field("4GB", description="Per-worker memory limit of a LocalCluster.")
+    memory_limit: str = Field(
+        "auto",
+        description="Per-worker memory limit of a LocalCluster ('auto': the machine's memory "
+        "divided among the workers; or e.g. '4GB').",
+    )
 
 
 class Config(_Section):

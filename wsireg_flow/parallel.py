@@ -1,9 +1,9 @@
 """Run one Dask task per item on the configured scheduler, with progress.
 
-``scheduler`` is ``"threads"`` (Dask's threaded scheduler, the default: no serialisation),
-``"sync"`` (single-threaded, for debugging), ``"local"`` (a ``distributed.LocalCluster`` sized to
-the machine) or the address of a running scheduler (``tcp://host:8786``), which is how
-dask-jobqueue, Kubernetes or any other Dask cluster is used.
+``scheduler`` is ``"local"`` (the default: a ``distributed.LocalCluster`` sized to the machine,
+started when the first tile task needs it), ``"threads"`` (Dask's threaded scheduler: no
+process start-up or serialisation), ``"sync"`` (single-threaded, for debugging) or the address
+(``tcp://host:8786``), which is how dask-jobqueue, Kubernetes or any other Dask cluster is used.
 """
 
 from __future__ import annotations
@@ -24,17 +24,93 @@ R = TypeVar("R")
 LOCAL_SCHEDULERS = ("threads", "sync")
 
 
+class LocalClusterOnDemand:
+    """A ``distributed.LocalCluster`` (and its Client) started on first use, not before.
+
+    A run whose stages are all complete, or that only re-runs stages without tile work, never
+    pays the cluster's start-up. Workers are processes with one thread each (``n_workers``,
+    default: the machine's cores) and ``memory_limit`` each (``"auto"``: the machine's memory
+    divided among the workers), on 127.0.0.1 without a dashboard.
+    """
+
+    def __init__(self, n_workers: int | None = None, memory_limit: str = "auto") -> None:
+        self.n_workers = n_workers or os.cpu_count() or 1
+        self.memory_limit = memory_limit
+        self._cluster: Any = None
+        self._client: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    def client(self) -> Any:
+        """The Client, starting the cluster on the first call."""
+        if self._client is None:
+            from distributed import Client, LocalCluster
+
+            env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+                self._cluster = LocalCluster(
+                    n_workers=self.n_workers,
+                    threads_per_worker=1,
+                    memory_limit=self.memory_limit,
+                    dashboard_address=None,
+                    host="127.0.0.1",
+                )
+            self._client = Client(self._cluster)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._cluster.close()
+        self._client = self._cluster = None
+
+    def __repr__(self) -> str:
+        return f"LocalCluster({self.n_workers} workers, memory limit {self.memory_limit} each)"
+
+
+def resolve_scheduler(scheduler: Any) -> Any:
+    """A scheduler name or Client as Dask takes it; starts an on-demand cluster if needed."""
+    if isinstance(scheduler, LocalClusterOnDemand):
+        return scheduler.client()
+    return scheduler
+
+
+def describe_scheduler(scheduler: Any) -> str:
+    """One line naming where tasks run, for run records and logs.
+
+    A started cluster is described from its scheduler: workers, threads and each worker's
+    memory limit in GB (e.g. ``"LocalCluster tcp://127.0.0.1:40123: 2 workers x 1 thread,
+    memory limit 12.35 GB each"``).
+    """
+    if isinstance(scheduler, str):
+        return f"dask {scheduler} scheduler"
+    kind = "dask cluster"
+    if isinstance(scheduler, LocalClusterOnDemand):
+        if not scheduler.started:
+            return f"{scheduler!r}, not started"
+        kind, scheduler = "LocalCluster", scheduler.client()
+    info = scheduler.scheduler_info()
+    workers = list(info.get("workers", {}).values())
+    threads = sorted({w.get("nthreads", 0) for w in workers})
+    limits = sorted({round((w.get("memory_limit") or 0) / 1e9, 2) for w in workers})
+    return (
+        f"{kind} {info.get('address', '?')}: {len(workers)} workers x "
+        f"{'/'.join(map(str, threads))} thread, memory limit "
+        f"{'/'.join(map(str, limits))} GB each"
+    )
+
+
 @contextmanager
 def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
-    """Yield what :func:`map_tasks` takes: a local scheduler name or a ``distributed.Client``.
+    """Yield what :func:`map_tasks` takes: a scheduler name, a handle or a ``distributed.Client``.
 
-    ``local`` starts (and afterwards closes) a LocalCluster with ``n_workers`` processes (default:
-    the machine's cores), one thread each and ``memory_limit`` per worker; OpenCV/BLAS threads
-    inside workers are limited to 1 to avoid oversubscription.
+    ``local`` (the default) yields a :class:`LocalClusterOnDemand`, closed on exit if it was
+    started; ``threads``/``sync`` yield the name, with OpenCV's own thread pool limited to one
+    thread (Dask's threads already use the cores); an address yields a Client of that cluster.
     """
     if cfg.scheduler in LOCAL_SCHEDULERS:
-        # Dask's threads already use the cores: OpenCV's own pool inside each task would
-        # oversubscribe them, so it is limited to one thread for the duration.
         import cv2
 
         before = cv2.getNumThreads()
@@ -44,24 +120,15 @@ def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
         finally:
             cv2.setNumThreads(before)
         return
-    from distributed import Client, LocalCluster
-
     if cfg.scheduler == "local":
-        n = cfg.n_workers or os.cpu_count() or 1
-        env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with (
-            dask.config.set({"distributed.nanny.pre-spawn-environ": env}),
-            LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                memory_limit=cfg.memory_limit,
-                dashboard_address=None,
-                host="127.0.0.1",
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
+        handle = LocalClusterOnDemand(cfg.n_workers, cfg.memory_limit)
+        try:
+            yield handle
+        finally:
+            handle.close()
         return
+    from distributed import Client
+
     with Client(cfg.scheduler, timeout="30s") as client:
         yield client
 
@@ -77,6 +144,7 @@ def map_tasks(
     """``[fn(item, *args) for item in items]`` as one Dask task per item, results in order."""
     if not items:
         return []
+    scheduler = resolve_scheduler(scheduler)
     if isinstance(scheduler, str):
         from wsireg_flow.progress import DaskProgress
 

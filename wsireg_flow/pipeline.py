@@ -39,6 +39,7 @@ from wsireg_flow.io.slide import Slide, open_slide, probe_shape
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
 from wsireg_flow.metrics import score_pair
 from wsireg_flow.nonrigid import TileResult
+from wsireg_flow.parallel import describe_scheduler
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.qc import (
@@ -363,9 +364,11 @@ def stage_nonrigid(
     if tiles is not None:
         save_tiles(job.run_dir / "nonrigid" / "tiles.npz", tiles)
         outputs.append("nonrigid/tiles.npz")
-    write_json(
-        job.run_dir / "nonrigid" / "levels.json", {"levels": [_report_to_dict(r) for r in reports]}
-    )
+    record = {
+        "scheduler": describe_scheduler(scheduler),
+        "levels": [_report_to_dict(r) for r in reports],
+    }
+    write_json(job.run_dir / "nonrigid" / "levels.json", record)
     return outputs
 
 
