@@ -20,6 +20,7 @@ from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError
 from wsireg_flow.field import (
     StoredField,
+    blend_window,
     compose_residual,
     invert,
     jacobian_determinant,
@@ -237,12 +238,48 @@ def register_level(
     return LevelTiles(lt, ls, shape, dt, r_k, mask_k, results, time.perf_counter() - t1)
 
 
+KEEP_COARSE = ("no gain", "too large", "folding", "low confidence")
+"""Tile statuses whose area keeps the transform of the level above (a zero residual)."""
+
+
+def tile_fields(
+    tiles: LevelTiles, cfg: Config
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """The (field, weight) each tile contributes to the stitch.
+
+    Accepted tiles give their residual and weight. A rejected tile on tissue (implausible or
+    low-confidence result) gives a zero residual, weighted like a tile at the acceptance
+    threshold (blend window x tissue x ``min_confidence``), so that its area keeps the transform
+    of the level above instead of taking its neighbours' residual; tiles without tissue or
+    outside the source give nothing (the stitch fills them from their neighbours).
+    """
+    soft = cv2.GaussianBlur(tiles.mask.astype(np.float32), (0, 0), 4.0)
+    fields: list[np.ndarray | None] = []
+    weights: list[np.ndarray | None] = []
+    for r in tiles.results:
+        if r.residual is not None:
+            fields.append(r.residual)
+            weights.append(r.weight)
+        elif r.status in KEEP_COARSE:
+            y0, x0, y1, x1 = r.box
+            window = blend_window(r.box, tiles.shape, cfg.nonrigid.overlap)
+            fields.append(np.zeros((2, y1 - y0, x1 - x0), np.float32))
+            weights.append(
+                window * (0.05 + soft[y0:y1, x0:x1]) * np.float32(cfg.nonrigid.min_confidence)
+            )
+        else:
+            fields.append(None)
+            weights.append(None)
+    return fields, weights
+
+
 def stitch_level(tiles: LevelTiles, cfg: Config) -> tuple[np.ndarray, LevelReport]:
     """Blend a level's tile residuals, regularise, and compose with the carried-down prior."""
     t0 = time.perf_counter()
+    fields, weights = tile_fields(tiles, cfg)
     d, _ = stitch(
-        [r.residual for r in tiles.results],
-        [r.weight for r in tiles.results],
+        fields,
+        weights,
         [r.box for r in tiles.results],
         tiles.shape,
         smooth_sigma=cfg.nonrigid.smooth_sigma,
