@@ -158,8 +158,11 @@ def map_tasks(
             return list(dask.compute(*tasks, scheduler=scheduler))
     from distributed import as_completed
 
-    # args travel inside the tasks (not scattered): a lost worker's tasks can be re-run elsewhere
-    futures = scheduler.map(fn, items, *[[a] * len(items) for a in args], pure=False)
+    # args travel inside the tasks (not scattered): a lost worker's tasks can be re-run elsewhere.
+    # Tile jobs carry their own crop of the coarser residual, so one level's graph is tens of MB
+    # (bounded by the working level, not the slide): expected here, not worth a warning.
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "512MB"}):
+        futures = scheduler.map(fn, items, *[[a] * len(items) for a in args], pure=False)
     done = 0
     if progress:
         progress(stage, 0, len(futures))

@@ -221,9 +221,21 @@ def register_level(
         > 0
     )
     boxes = tile_boxes(shape, cfg.nonrigid.tile, cfg.nonrigid.overlap)
+    has_prior = prior is not None and prior_d is not None
     jobs = [
         _job(
-            target, lt, source, ls, box, shape, r_k, a_k, mask_k, pre.target_stats, pre.source_stats
+            target,
+            lt,
+            source,
+            ls,
+            box,
+            shape,
+            prior if has_prior else None,
+            prior_d / dt if has_prior else 1.0,
+            a_k,
+            mask_k,
+            pre.target_stats,
+            pre.source_stats,
         )
         for box in boxes
     ]
@@ -404,20 +416,25 @@ def _job(
     ls: int,
     box: tuple[int, int, int, int],
     shape: tuple[int, int],
-    r_k: np.ndarray,
+    prior: np.ndarray | None,
+    factor: float,
     a_k: np.ndarray,
     mask_k: np.ndarray,
     t_stats: IntensityStats,
     s_stats: IntensityStats,
 ) -> TileJob:
+    """The task of one tile; ``prior`` is the coarser level's whole residual (or None), of
+    which the job carries only the crop that bilinear sampling over ``box`` touches."""
     y0, x0, y1, x1 = box
-    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    px = xs + r_k[1, y0:y1, x0:x1]
-    py = ys + r_k[0, y0:y1, x0:x1]
-    a = a_k.astype(np.float32)
-    map_xy = np.stack(
-        [a[0, 0] * px + a[0, 1] * py + a[0, 2], a[1, 0] * px + a[1, 1] * py + a[1, 2]]
-    )
+    crop, origin = None, (0, 0)
+    if prior is not None:
+        hc, wc = prior.shape[1:]
+        # coarse coordinates of the tile's pixel centres: (u + 0.5) / factor - 0.5
+        cy0 = max(int(np.floor((y0 + 0.5) / factor - 0.5)) - 1, 0)
+        cx0 = max(int(np.floor((x0 + 0.5) / factor - 0.5)) - 1, 0)
+        cy1 = min(int(np.ceil((y1 - 0.5) / factor - 0.5)) + 2, hc)
+        cx1 = min(int(np.ceil((x1 - 0.5) / factor - 0.5)) + 2, wc)
+        crop, origin = np.ascontiguousarray(prior[:, cy0:cy1, cx0:cx1]), (cy0, cx0)
     return TileJob(
         str(target.path),
         lt,
@@ -425,10 +442,13 @@ def _job(
         ls,
         box,
         shape,
-        map_xy,
-        mask_k[y0:y1, x0:x1].copy(),
+        np.asarray(a_k, np.float64),
+        np.packbits(mask_k[y0:y1, x0:x1]),
         t_stats,
         s_stats,
+        crop,
+        origin,
+        float(factor),
     )
 
 
