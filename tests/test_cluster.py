@@ -201,6 +201,7 @@ def test_default_is_a_local_cluster_sized_to_the_machine(threaded: Path, tmp_pat
     ]  # fmt: skip
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed." not in proc.stderr, proc.stderr[-3000:]  # no cluster chatter
     record = json.loads((out / "nonrigid" / "levels.json").read_text())["scheduler"]
     print(f"\n{record}")
     n = os.cpu_count() or 1

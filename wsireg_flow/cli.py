@@ -411,6 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("prefect").propagate = False  # not to the root handler below
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tifffile").setLevel(logging.ERROR)
+    if not args.debug:
+        # a LocalCluster's scheduler, nannies and workers log every start and stop at INFO;
+        # distributed reads its log level from Dask's config when first imported, here and in
+        # the worker processes (which inherit the environment)
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # if already imported
     try:
         return int(args.func(args) or 0)
     except WsiregError as exc:
