@@ -240,7 +240,7 @@ def test_coarse_alignment_detects_mirror_and_rotation(cmu_full: np.ndarray, angl
     # measured ~0.5 px: ecc_refine rescales affines with diag(f) instead of the pixel-centre
     # convention, a bias of (I - L)(0.5 - 0.5 / f) at the working level (reported upstream)
     assert err.max() < 2.0
-    assert res.ncc_final > res.ncc_initial
+    assert res.score_final > res.score_initial
 
 
 # --------------------------------------------------------------------------- f. plausibility

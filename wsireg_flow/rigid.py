@@ -30,15 +30,19 @@ from wsireg_flow.geometry import as3x3, decompose, flip_x, rotation_about
 
 @dataclass
 class RigidResult:
-    """Outcome of coarse alignment (matrix: 3x3 target->source at the working level)."""
+    """Outcome of coarse alignment (matrix: 3x3 target->source at the working level).
+
+    ``score_initial`` / ``score_final`` are :func:`selection_score` values (two intensity NCCs
+    plus half the tissue-mask NCC, so between -2.5 and 2.5) before (identity) and after.
+    """
 
     matrix: np.ndarray
     method: str
     n_matches: int = 0
     n_inliers: int = 0
     flipped: bool = False
-    ncc_initial: float = float("nan")
-    ncc_final: float = float("nan")
+    score_initial: float = float("nan")
+    score_final: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
@@ -47,8 +51,8 @@ class RigidResult:
             "n_matches": self.n_matches,
             "n_inliers": self.n_inliers,
             "flipped": self.flipped,
-            "ncc_initial": self.ncc_initial,
-            "ncc_final": self.ncc_final,
+            "score_initial": self.score_initial,
+            "score_final": self.score_final,
             "notes": list(self.notes),
             **decompose(self.matrix),
         }
@@ -233,7 +237,7 @@ def rotation_search(
                 if sc > score:
                     score, m = sc, mm
             found.append(
-                RigidResult(up @ m @ dn, "rotation-search", flipped=flipped, ncc_final=score)
+                RigidResult(up @ m @ dn, "rotation-search", flipped=flipped, score_final=score)
             )
     return found
 
@@ -370,15 +374,15 @@ def coarse_alignment(
             refined = ecc_refine(target, source, c.matrix, cfg)
             if refined is not c.matrix:
                 c.matrix, c.method = refined, c.method + "+ecc"
-        c.ncc_initial = identity
-        c.ncc_final = selection_score(target, source, target_mask, source_mask, c.matrix)
+        c.score_initial = identity
+        c.score_final = selection_score(target, source, target_mask, source_mask, c.matrix)
     ok = [c for c in candidates if plausibility(c.matrix, cfg) is None]
     if not ok:
         reasons = "; ".join(str(plausibility(c.matrix, cfg)) for c in candidates)
         raise RegistrationError(f"coarse alignment is implausible: {reasons}")
     # the simplest hypothesis wins unless clearly beaten (symmetric tissue fools blurred scores)
-    best = max(ok, key=lambda c: c.ncc_final - 0.05 * c.flipped - 0.05 * _rotated(c.matrix))
+    best = max(ok, key=lambda c: c.score_final - 0.05 * c.flipped - 0.05 * _rotated(c.matrix))
     best.notes[:0] = notes + [
-        f"{c.method}: score {c.ncc_final:.3f}" for c in candidates if c is not best
+        f"{c.method}: score {c.score_final:.3f}" for c in candidates if c is not best
     ]
     return best
