@@ -237,6 +237,14 @@ def test_stack_landmarks_move_toward_the_reference(stack_runs: dict[str, Any]) -
         assert s["median_rtre"] < s["initial_median_rtre"], s["section"]
         assert s["median_rtre"] < 0.02, s["section"]
     assert [s["is_reference"] for s in sections] == [False, False, True, False]
+    # every section names its warped image and the pairs composed to reach the reference
+    run_dir = stack_runs["job"].run_dir
+    assert [len(s["chain"]) for s in sections] == [2, 1, 0, 1]
+    for s in sections:
+        assert (run_dir / s["warped"] / ".zattrs").is_file(), s["warped"]
+        for c in s["chain"]:
+            assert (run_dir / "pairs" / c["pair"]).is_dir()
+            assert 0 < c["tiles_ok"] <= c["tiles"] and 0.2 <= c["mean_confidence"] <= 1.0, c
 
 
 def test_stack_sections_share_the_reference_frame(stack_runs: dict[str, Any]) -> None:

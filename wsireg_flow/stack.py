@@ -204,24 +204,47 @@ def warp_section(job: StackJob, k: int, progress: ProgressFn | None = None) -> b
     return run_stage(job.run_dir, f"section-{name}", job.section_fingerprint(k), work)
 
 
+def _pair_quality(run_dir: Path) -> dict[str, Any]:
+    """What a pair run's metrics.json says of its registration (coarse fit, finest tiles)."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    finest = (m.get("levels") or [{}])[-1]
+    return {
+        "pair": run_dir.name,
+        "coarse_method": m["rigid"]["method"],
+        "tiles_ok": finest.get("tiles_ok"),
+        "tiles": finest.get("tiles"),
+        "mean_confidence": finest.get("mean_confidence"),
+        "folding_fraction": m.get("folding_fraction"),
+    }
+
+
 def stack_metrics(job: StackJob) -> dict[str, Any]:
-    """Per-section landmark distance to the reference's landmarks, before and after (rTRE)."""
+    """One entry per section: its warped image, the pairs composed to reach the reference and
+    their registration quality; with landmarks also the median/mean rTRE to the reference's
+    landmarks before and after."""
     out: dict[str, Any] = {"reference": job.ref, "sections": []}
+    for k in range(len(job.sections)):
+        out["sections"].append(
+            {
+                "section": job.name(k),
+                "is_reference": k == job.ref,
+                "warped": f"sections/{job.name(k)}.zarr",
+                "chain": [_pair_quality(job.pair_job(i).run_dir) for i in job.chain_pairs(k)],
+            }
+        )
     if not job.landmarks:
         return out
     ref_pts = read_landmarks(job.landmarks[job.ref])
     shape = open_slide(job.pair_or_ingest(job.ref)).shapes[0][:2]
     diag = image_diagonal(int(shape[0]), int(shape[1]))
-    for k in range(len(job.sections)):
+    for k, entry in enumerate(out["sections"]):
         before_t, before_s = paired(ref_pts, read_landmarks(job.landmarks[k]))
         after = read_landmarks(job.run_dir / "sections" / f"{job.name(k)}-landmarks.csv")
         after_t, after_s = paired(ref_pts, after)
         b = np.linalg.norm(before_s - before_t, axis=1) / diag
         a = np.linalg.norm(after_s - after_t, axis=1) / diag
-        out["sections"].append(
+        entry.update(
             {
-                "section": job.name(k),
-                "is_reference": k == job.ref,
                 "initial_median_rtre": float(np.nanmedian(b)),
                 "median_rtre": float(np.nanmedian(a)),
                 "initial_mean_rtre": float(np.nanmean(b)),
@@ -266,6 +289,12 @@ def stack_qc(job: StackJob, metrics: dict[str, Any] | None = None, size: int = 5
             ("section", str(job.sections[k])),
             ("reference", k == job.ref),
         ]
+        chain = m.get("chain", [])
+        if chain:
+            table += [
+                ("pairs composed", ", ".join(c["pair"] for c in chain)),
+                ("lowest mean tile confidence", min(c["mean_confidence"] or 0.0 for c in chain)),
+            ]
         table += [(key, m[key]) for key in ("initial_median_rtre", "median_rtre") if key in m]
         rows.append((name, table, [fig]))
     return html_report(qc / "report.html", "wsireg-flow stack", rows)
