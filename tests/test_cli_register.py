@@ -67,6 +67,10 @@ def test_register_exits_zero_and_prints_summary(run: dict[str, object]) -> None:
     summary = json.loads(str(run["stdout"]).strip().splitlines()[-1])
     assert summary["out"] == str(run["dir"])
     assert summary["median_rtre"] < summary["initial_median_rtre"]
+    assert Path(summary["report"]).is_file() and Path(summary["report"]).parent.name == "qc"
+    ok, total = (int(v) for v in summary["tiles_ok"].split("/"))
+    assert 0 < ok <= total
+    assert 0.0 <= summary["folding_fraction"] < 0.01
 
 
 def test_run_directory_holds_transform(run: dict[str, object]) -> None:

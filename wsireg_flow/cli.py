@@ -116,9 +116,13 @@ def cmd_register(args: argparse.Namespace) -> int:
 
         ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
     metrics = json.loads((args.out / "metrics.json").read_text())
+    finest = (metrics.get("levels") or [{}])[-1]
     summary: dict[str, object] = {
         "out": str(args.out),
         "rigid": metrics["rigid"]["method"],
+        "tiles_ok": f"{finest.get('tiles_ok', 0)}/{finest.get('tiles', 0)}",
+        "folding_fraction": round(float(metrics.get("folding_fraction") or 0.0), 6),
+        "report": str(args.out / "qc" / "report.html"),
         "stages_run": [k for k, v in ran.items() if v],
     }
     if "landmarks" in metrics:
