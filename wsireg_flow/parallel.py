@@ -3,7 +3,8 @@
 ``scheduler`` is ``"local"`` (the default: a ``distributed.LocalCluster`` sized to the machine,
 started when the first tile task needs it), ``"threads"`` (Dask's threaded scheduler: no
 process start-up or serialisation), ``"sync"`` (single-threaded, for debugging) or the address
-(``tcp://host:8786``), which is how dask-jobqueue, Kubernetes or any other Dask cluster is used.
+of a running scheduler (``tcp://host:8786``), which is how dask-jobqueue, Kubernetes or any
+other Dask cluster is used.
 """
 
 from __future__ import annotations
