@@ -6,7 +6,8 @@ content, a reader either returns well-formed data or raises its one-line user er
 configs); never another exception. Writers and readers round-trip. Paths from tables and
 manifests never leave their root.
 
-Examples run with a fixed budget each (``max_examples``); the whole module takes ~15 s.
+Examples run with a fixed budget each (``max_examples``); the whole module takes ~15 s. They
+are derandomised (the same examples on every run); ``WSIREG_FUZZ_EXPLORE=1`` explores freshly.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ from wsireg_flow.landmarks import (
 )
 from wsireg_flow.manifest import Manifest, load_manifest, manifest_config
 
-FAST = settings(max_examples=150, deadline=None, database=None)
-MEDIUM = settings(max_examples=250, deadline=None, database=None)
+# Fixed examples by default (the suite gives the same verdict on every run, as CI needs);
+# WSIREG_FUZZ_EXPLORE=1 draws fresh random examples to look for new failures.
+_FIXED = os.environ.get("WSIREG_FUZZ_EXPLORE", "") != "1"
+FAST = settings(max_examples=150, deadline=None, database=None, derandomize=_FIXED)
+MEDIUM = settings(max_examples=250, deadline=None, database=None, derandomize=_FIXED)
 
 # YAML that PyYAML's safe loader fails on with something other than a YAMLError
 YAML_TRAPS = [
@@ -129,13 +133,16 @@ def _expected_coordinate(cell: str) -> float | None:
     header=st.lists(_HEADER_NAMES, min_size=2, max_size=4),
     cells=st.lists(st.lists(_COORD_CELLS, min_size=4, max_size=4), max_size=6),
 )
+@example(header=["X", "Y"], cells=[["0\r", "0.0", "0.0", "0.0"]])  # a CR inside a cell
 def test_read_landmarks_follows_the_columns_by_name(
     scratch: Path, header: list[str], cells: list[list[str]]
 ) -> None:
     """An oracle: values are float(cell) of the X and Y columns; anything else is refused."""
     rows = [r[: len(header)] for r in cells]
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+    # with "\r\n" as terminator the writer quotes cells holding a CR or LF, so that the file
+    # holds exactly these cells (an unquoted CR would end the line: a ragged row, refused)
+    csv.writer(buffer, lineterminator="\r\n").writerows([header, *rows])
     path = _write_bytes(scratch, "table.csv", buffer.getvalue().encode("utf-8"))
     names = [h.strip() for h in header]
     expected: np.ndarray | None = None

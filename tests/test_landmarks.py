@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,7 @@ def test_write_rejects_bad_shape_and_keeps_old_file(tmp_path: Path) -> None:
     max_examples=60,
     deadline=None,
     database=None,
+    derandomize=os.environ.get("WSIREG_FUZZ_EXPLORE", "") != "1",  # see tests/test_fuzz.py
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
