@@ -259,3 +259,19 @@ def test_cluster_gives_the_threaded_result(
     assert record.startswith(f"dask cluster {cluster['address']}: {N_WORKERS} workers x 1 thread")
     stages = json.loads((on_cluster / "metrics.json").read_text())["stage_seconds"]
     assert set(stages) >= set(PAIR_STAGES[:-2])
+
+
+def test_unreachable_scheduler_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsireg_flow import parallel
+    from wsireg_flow.errors import WsiregError
+
+    monkeypatch.setattr(parallel, "CONNECT_TIMEOUT_S", 2)
+    address = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    cfg = Config()
+    cfg.dask.scheduler = address
+    t0 = time.perf_counter()
+    with pytest.raises(WsiregError) as exc, dask_scheduler(cfg.dask):
+        pass
+    assert str(exc.value).startswith(f"{address}: no Dask scheduler answered within 2 s")
+    assert "\n" not in str(exc.value)
+    assert time.perf_counter() - t0 < 20

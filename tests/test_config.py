@@ -295,3 +295,52 @@ def test_cli_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     path = tmp_path / "nope.yaml"
     assert main(["config", "--config", str(path)]) == 2
     assert capsys.readouterr().err == f"wsireg-flow: error: {path}: config file not found\n"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["local", "threads", "sync", "tcp://127.0.0.1:8786", "tls://sched.example.org:8786",
+     "10.0.0.5:8786", "inproc://10.0.0.5/1234/1"],
+)  # fmt: skip
+def test_scheduler_names_and_addresses_are_accepted(value: str) -> None:
+    assert config_from_dict({"dask": {"scheduler": value}}).dask.scheduler == value
+
+
+@pytest.mark.parametrize("value", ["foo", "Local", "tcp://host", "http://host:8786", "", " "])
+def test_bad_scheduler_is_refused_naming_the_key(tmp_path: Path, value: str) -> None:
+    path = _write(tmp_path, f"dask:\n  scheduler: {value!r}\n")
+    msg = _config_error(path)
+    assert "dask.scheduler" in msg and "not 'local', 'threads', 'sync'" in msg
+
+
+def test_bad_scheduler_in_the_environment_or_on_the_command_line_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SCHEDULER_ENV, "bogus")
+    with pytest.raises(ConfigError) as exc:
+        Config()
+    assert str(exc.value).startswith(f"${SCHEDULER_ENV}: 'bogus' is not")
+    monkeypatch.setenv(SCHEDULER_ENV, "threads")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsireg_flow.cli",
+            "register",
+            "t.svs",
+            "s.svs",
+            "--out",
+            str(tmp_path / "run"),
+            "--scheduler",
+            "tcp:/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "wsireg-flow: error: --scheduler: 'tcp:/x' is not 'local', 'threads', 'sync' or a "
+        "scheduler address such as tcp://host:8786"
+    ]
+    assert not (tmp_path / "run").exists()

@@ -16,8 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wsireg_flow import __version__
-from wsireg_flow.config import Config, config_to_yaml, load_config
-from wsireg_flow.errors import WsiregError
+from wsireg_flow.config import (
+    SCHEDULER_HELP,
+    Config,
+    config_to_yaml,
+    is_scheduler,
+    load_config,
+)
+from wsireg_flow.errors import ConfigError, WsiregError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -47,6 +53,8 @@ def _config(args: argparse.Namespace) -> Config:
     if getattr(args, "pixel_size", None) is not None:
         cfg.io.pixel_size_um = args.pixel_size
     if getattr(args, "scheduler", None):
+        if not is_scheduler(args.scheduler):
+            raise ConfigError(SCHEDULER_HELP.format(value=args.scheduler), "--scheduler")
         cfg.dask.scheduler = args.scheduler
     return cfg
 

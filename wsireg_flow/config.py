@@ -8,15 +8,42 @@ file may set any subset; unknown keys and bad values are refused with a
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wsireg_flow.errors import ConfigError
 
 SCHEDULER_ENV = "WSIREG_FLOW_SCHEDULER"
+SCHEDULER_NAMES = ("local", "threads", "sync")
+# a Dask scheduler address: protocol://host:port (tcp, tls, ucx, ws, wss, inproc) or host:port
+SCHEDULER_ADDRESS = re.compile(r"^((tcp|tls|ucx|ws|wss)://\S+:\d+|inproc://\S+|[\w.-]+:\d+)$")
+SCHEDULER_HELP = (
+    "{value!r} is not 'local', 'threads', 'sync' or a scheduler address such as tcp://host:8786"
+)
+
+
+def is_scheduler(value: str) -> bool:
+    """True for a scheduler name (local, threads, sync) or a Dask scheduler address."""
+    return value in SCHEDULER_NAMES or SCHEDULER_ADDRESS.match(value) is not None
+
+
+def _default_scheduler() -> str:
+    """``$WSIREG_FLOW_SCHEDULER`` when set (checked here, naming the variable), else local."""
+    value = os.environ.get(SCHEDULER_ENV) or "local"
+    if not is_scheduler(value):
+        raise ConfigError(f"${SCHEDULER_ENV}: " + SCHEDULER_HELP.format(value=value))
+    return value
 
 
 class _Section(BaseModel):
@@ -137,11 +164,19 @@ class DaskConfig(_Section):
     """Where tile work runs."""
 
     scheduler: str = Field(
-        default_factory=lambda: os.environ.get(SCHEDULER_ENV) or "local",
+        default_factory=_default_scheduler,
         description="'local' (a LocalCluster sized to the machine), 'threads', 'sync' or a "
         f"scheduler address; when unset, ${SCHEDULER_ENV} or 'local'.",
     )
     n_workers: int | None = Field(None, ge=1, description="LocalCluster workers (None: cores).")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_known(cls, value: str) -> str:
+        if not is_scheduler(value):
+            raise ValueError(SCHEDULER_HELP.format(value=value))
+        return value
+
     memory_limit: str = Field(
         "auto",
         description="Per-worker memory limit of a LocalCluster ('auto': the machine's memory "

@@ -17,12 +17,14 @@ from typing import Any, TypeVar
 import dask
 
 from wsireg_flow.config import DaskConfig
+from wsireg_flow.errors import WsiregError
 from wsireg_flow.progress import ProgressFn
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 LOCAL_SCHEDULERS = ("threads", "sync")
+CONNECT_TIMEOUT_S = 30
 
 
 class LocalClusterOnDemand:
@@ -130,7 +132,14 @@ def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
         return
     from distributed import Client
 
-    with Client(cfg.scheduler, timeout="30s") as client:
+    try:
+        client = Client(cfg.scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except OSError as exc:  # refused, unreachable or timed out
+        raise WsiregError(
+            f"no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({type(exc).__name__})",
+            cfg.scheduler,
+        ) from exc
+    with client:
         yield client
 
 
