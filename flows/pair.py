@@ -11,10 +11,10 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.common import STAGE_TASK_OPTIONS, flow_progress
-from wsireg_flow.parallel import dask_scheduler
+from wsireg_flow.parallel import dask_scheduler, describe_scheduler
 from wsireg_flow.pipeline import (
     PAIR_STAGES,
     PairJob,
@@ -28,7 +28,10 @@ from wsireg_flow.progress import ProgressFn
 @task(name="pair-stage", task_run_name="{name}", **STAGE_TASK_OPTIONS)
 def pair_stage(job: PairJob, name: str, scheduler: Any, progress: ProgressFn) -> bool:
     """Run stage ``name`` of ``job`` unless complete; True when it ran."""
-    return run_pair_stage(job, name, scheduler, progress)
+    ran = run_pair_stage(job, name, scheduler, progress)
+    if ran and name == "nonrigid":
+        get_run_logger().info("tiles ran on %s", describe_scheduler(scheduler))
+    return ran
 
 
 def run_stages(

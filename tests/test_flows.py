@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -64,9 +65,20 @@ def pair_runs(prefect_env: None, tmp_path_factory: pytest.TempPathFactory) -> di
     out = tmp_path_factory.mktemp("flow-pair") / "run"
     rec: dict[str, Any] = {"dir": out}
 
+    echoed: list[tuple[str, int, int]] = []
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(handler)
     t0 = time.perf_counter()
-    rec["first"] = register_pair(_job(out))
+    try:
+        rec["first"] = register_pair(_job(out), echo=lambda *a: echoed.append(a))
+    finally:
+        prefect_logger.removeHandler(handler)
     rec["first_seconds"] = time.perf_counter() - t0
+    rec["first_echo"] = echoed
+    rec["first_logs"] = [r.getMessage() for r in records]
     rec["markers_first"] = _finished(out)
 
     t0 = time.perf_counter()
@@ -100,6 +112,18 @@ def test_first_run_runs_every_stage(pair_runs: dict[str, Any]) -> None:
     assert lm["n_landmarks"] == 80
     # measured 0.0047 with smooth_sigma 5 (0.0036 with 2); initial 0.077
     assert lm["median_rtre"] < 0.01 < lm["initial_median_rtre"]
+
+
+def test_flow_logs_carry_the_progress_counts(pair_runs: dict[str, Any]) -> None:
+    """Every stage total the CLI shows (tiles per level, chunks written) is in the flow log."""
+    echoed, logs = pair_runs["first_echo"], pair_runs["first_logs"]
+    finals = {(stage, total) for stage, done, total in echoed if done == total}
+    print(f"\nfinal counts: {sorted(finals)}")
+    assert any(stage.startswith("non-rigid level") and n >= 4 for stage, n in finals)
+    assert any(stage.startswith("warp") for stage, _ in finals)
+    for stage, total in finals:
+        assert f"{stage}: {total}/{total}" in logs, (stage, total)
+    assert "tiles ran on dask threads scheduler" in logs
 
 
 def test_identical_rerun_runs_no_stage(pair_runs: dict[str, Any]) -> None:
