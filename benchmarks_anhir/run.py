@@ -116,6 +116,32 @@ def register_one(
     )
 
 
+def collect_outcomes(
+    submitted: dict[Any, Pair], progress: ProgressFn | None = None
+) -> dict[str, PairOutcome]:
+    """Outcomes of pairs submitted to a Dask cluster, as they finish: {pair index: outcome}.
+
+    ``submitted`` maps each future (of :func:`register_one`) to its pair. A future that fails
+    although :func:`register_one` never raises (its worker was lost for good, e.g. killed
+    again and again for exceeding its memory limit) records that pair as failed with the
+    reason; the other pairs still count.
+    """
+    from distributed import as_completed
+
+    outcomes: dict[str, PairOutcome] = {}
+    for k, fut in enumerate(as_completed(list(submitted))):
+        p = submitted[fut]
+        try:
+            outcomes[p.index] = fut.result()
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            outcomes[p.index] = PairOutcome(p.index, False, 0.0, reason=reason)
+        if progress:
+            progress("ANHIR pairs", k + 1, len(submitted))
+    return outcomes
+
+
 def _recorded_minutes(run_dir: Path) -> float:
     total = 0.0
     for name in PAIR_STAGES:

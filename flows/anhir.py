@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from benchmarks_anhir.run import (
     PairOutcome,
+    collect_outcomes,
     load_dataset,
     register_one,
     write_outputs,
@@ -60,13 +61,9 @@ def anhir_benchmark(
                 outcomes[p.index] = anhir_pair(p, root, out, cfg, scheduler, progress)
                 progress("ANHIR pairs", k + 1, len(pairs))
         else:
-            from distributed import as_completed
-
             futures = {
                 scheduler.submit(register_one, p, root, out, cfg, "threads", pure=False): p
                 for p in pairs
             }
-            for k, fut in enumerate(as_completed(futures)):
-                outcomes[futures[fut].index] = fut.result()
-                progress("ANHIR pairs", k + 1, len(pairs))
+            outcomes = collect_outcomes(futures, progress)
     return write_outputs(out, root, pairs, outcomes)

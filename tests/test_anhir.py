@@ -418,3 +418,35 @@ def test_evaluation_pair_is_registered_but_not_scored(
     assert summary["failed_pairs"] == 0
     _, aggs = _read_table(out / "scores" / "aggregates.csv")
     assert ("status", "evaluation") not in {(a["group"], a["name"]) for a in aggs}
+
+
+def test_pairs_whose_worker_is_lost_are_recorded_as_failed() -> None:
+    """On a cluster, a pair whose task dies with its worker (or fails outside the pair code)
+    is a failed pair with a reason; the other pairs' outcomes are kept."""
+    import os
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from benchmarks_anhir.run import PairOutcome, collect_outcomes
+    from wsireg_flow.landmarks import Pair
+
+    pairs = {k: Pair(k, "t.jpg", "s.jpg", "t.csv", "s.csv") for k in ("0", "1", "2")}
+    seen: list[tuple[int, int]] = []
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        submitted = {
+            client.submit(PairOutcome, "0", True, 0.5, pure=False): pairs["0"],
+            client.submit(os._exit, 3, pure=False): pairs["1"],  # the worker process dies
+            client.submit(int, "not a number", pure=False): pairs["2"],
+        }
+        outcomes = collect_outcomes(submitted, lambda s, d, t: seen.append((d, t)))
+    assert outcomes["0"] == PairOutcome("0", True, 0.5)
+    assert not outcomes["1"].ok and outcomes["1"].reason.startswith("KilledWorker")
+    assert not outcomes["2"].ok and outcomes["2"].reason.startswith("ValueError: invalid literal")
+    assert sorted(seen) == [(1, 3), (2, 3), (3, 3)]
