@@ -426,7 +426,7 @@ def test_pairs_whose_worker_is_lost_are_recorded_as_failed() -> None:
     import os
 
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, wait
 
     from benchmarks_anhir.run import PairOutcome, collect_outcomes
     from wsireg_flow.landmarks import Pair
@@ -440,9 +440,13 @@ def test_pairs_whose_worker_is_lost_are_recorded_as_failed() -> None:
         ) as cluster,
         Client(cluster) as client,
     ):
+        # the worker process dies with this task; only then are the others submitted (to the
+        # restarted worker), so that they cannot be lost with it
+        lost = client.submit(os._exit, 3, pure=False)
+        wait(lost)
         submitted = {
+            lost: pairs["1"],
             client.submit(PairOutcome, "0", True, 0.5, pure=False): pairs["0"],
-            client.submit(os._exit, 3, pure=False): pairs["1"],  # the worker process dies
             client.submit(int, "not a number", pure=False): pairs["2"],
         }
         outcomes = collect_outcomes(submitted, lambda s, d, t: seen.append((d, t)))
