@@ -7,11 +7,8 @@ on them through ``cfg.dask.scheduler = "tcp://127.0.0.1:PORT"``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dask_processes import dask_cluster, executed_tile_tasks, free_port, logs_tail, n_tiles
 
 from wsireg_flow.config import SCHEDULER_ENV, Config
 from wsireg_flow.field import load_field
@@ -32,29 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
 TARGET = CASE / "29-041-Izd2-w35-CD31-3-les3.jpg"
 SOURCE = CASE / "29-041-Izd2-w35-Cc10-5-les3.jpg"
-DASK = Path(sys.executable).parent / "dask"
 N_WORKERS = 2
-TILE_TASK = "register_tile"  # key prefix of the non-rigid tile tasks (client.map of the fn)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate a process started here and its children (its own process group)."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -63,88 +39,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     from distributed import Client
 
     work = tmp_path_factory.mktemp("dask-cluster")
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-
-    def start(name: str, args: list[str]) -> None:
-        log = work / f"{name}.log"
-        logs.append(log)
-        with open(log, "wb") as fh:
-            procs.append(
-                subprocess.Popen(
-                    [str(DASK), *args],
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    cwd=work,
-                    env=env,
-                    start_new_session=True,  # own process group: teardown reaches the nanny's child
-                )
-            )
-
-    try:
-        port = address.rsplit(":", 1)[1]
-        start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"])
-        for i in range(N_WORKERS):
-            start(
-                f"worker-{i}",
-                [
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--nworkers",
-                    "1",
-                    "--memory-limit",
-                    "2GB",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                    "--name",
-                    f"w{i}",
-                    "--local-directory",
-                    str(work / f"worker-{i}"),
-                ],
-            )
-        with Client(address, timeout="60s") as client:
-            try:
-                client.wait_for_workers(N_WORKERS, timeout=60)
-            except TimeoutError:
-                text = "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in logs)
-                raise AssertionError(f"Dask workers did not connect:\n{text}") from None
-            yield {"address": address, "client": client, "logs": logs}
-    finally:
-        for proc in reversed(procs):  # workers first, then the scheduler
-            _stop(proc)
-
-
-def _executed_tile_tasks(client: Any) -> dict[str, int]:
-    """Worker address -> number of distinct tile tasks it executed (from its state log)."""
-
-    def count(dask_worker: Any) -> int:
-        keys = {
-            entry[0]
-            for entry in dask_worker.state.log
-            if len(entry) >= 3
-            and entry[1] == "executing"
-            and entry[2] == "memory"
-            and str(entry[0]).startswith(TILE_TASK)
-        }
-        return len(keys)
-
-    return client.run(count)
-
-
-def _n_tiles(run_dir: Path) -> int:
-    levels = json.loads((run_dir / "nonrigid" / "levels.json").read_text())["levels"]
-    final = json.loads((run_dir / "stitch.json").read_text())["level"]
-    return sum(level["tiles"] for level in [*levels, final])
+    with dask_cluster(work, N_WORKERS) as (address, _), Client(address, timeout="60s") as client:
+        try:
+            client.wait_for_workers(N_WORKERS, timeout=60)
+        except TimeoutError:
+            raise AssertionError(f"Dask workers did not connect:\n{logs_tail(work)}") from None
+        yield {"address": address, "client": client}
 
 
 def _run(out: Path, scheduler: str) -> dict[str, bool]:
@@ -238,7 +138,7 @@ def test_cluster_gives_the_threaded_result(
         w["host"] == "127.0.0.1" and w["nthreads"] == 1
         for w in client.scheduler_info()["workers"].values()
     )
-    before = _executed_tile_tasks(client)
+    before = executed_tile_tasks(client)
     assert sum(before.values()) == 0
 
     on_cluster = tmp_path / "cluster"
@@ -247,11 +147,11 @@ def test_cluster_gives_the_threaded_result(
     print(f"\npair on the cluster {time.perf_counter() - t0:.2f} s")
 
     # every tile task of the cluster run executed on the workers, and both workers took part
-    executed = _executed_tile_tasks(client)
-    n_tiles = _n_tiles(on_cluster)
-    print(f"\ntile tasks per worker: {executed} ({n_tiles} tiles)")
-    assert n_tiles >= 4
-    assert sum(executed.values()) == n_tiles
+    executed = executed_tile_tasks(client)
+    tiles = n_tiles(on_cluster)
+    print(f"\ntile tasks per worker: {executed} ({tiles} tiles)")
+    assert tiles >= 4
+    assert sum(executed.values()) == tiles
     assert len(executed) == N_WORKERS and min(executed.values()) >= 1
 
     _assert_same_result(on_cluster, threaded)
@@ -266,7 +166,7 @@ def test_unreachable_scheduler_is_a_one_line_error(monkeypatch: pytest.MonkeyPat
     from wsireg_flow.errors import WsiregError
 
     monkeypatch.setattr(parallel, "CONNECT_TIMEOUT_S", 2)
-    address = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = Config()
     cfg.dask.scheduler = address
     t0 = time.perf_counter()

@@ -33,14 +33,12 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
 import tokenize
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from dask_processes import dask_cluster, executed_tile_tasks, n_tiles
 
 from wsireg_flow.config import DaskConfig, RigidConfig
 from wsireg_flow.errors import InputError, RegistrationError
@@ -70,7 +69,6 @@ SOURCE_LM = SOURCE.with_suffix(".csv")
 CMU = DATA / "wsi" / "CMU-1-Small-Region.svs"
 CASE001_HE = DATA / "extra-unlabeled" / "flagship_case001" / "Case001_HE.jpg"
 KIDNEY_HE = DATA / "anhir-sample" / "rat-kidney_" / "scale-5pc" / "Rat-Kidney_HE.jpg"
-DASK = Path(sys.executable).parent / "dask"
 ERR = "wsireg-flow: error: "
 N_LANDMARKS = 80
 NAN_ROWS = list(range(3, N_LANDMARKS, 10))  # 8 source landmarks blanked (NaN)
@@ -655,89 +653,6 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches(
     assert leftovers == []
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
-
-
-@contextlib.contextmanager
-def _dask_cluster(work: Path, n_workers: int = 2) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A ``dask scheduler`` and single-thread workers named w0, w1 ... on 127.0.0.1."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(name: str, args: list[str]) -> None:
-        with open(work / f"{name}.log", "wb") as fh:
-            procs[name] = subprocess.Popen(
-                [str(DASK), *args],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                cwd=work,
-                env=env,
-                start_new_session=True,
-            )
-
-    try:
-        port = address.rsplit(":", 1)[1]
-        start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"])
-        for i in range(n_workers):
-            start(
-                f"w{i}",
-                [
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--nworkers",
-                    "1",
-                    "--memory-limit",
-                    "2GB",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                    "--name",
-                    f"w{i}",
-                    "--local-directory",
-                    str(work / f"w{i}"),
-                ],
-            )
-        yield address, procs
-    finally:
-        for name in sorted(procs, reverse=True):  # workers, then the scheduler
-            _stop(procs[name])
-
-
-def _executed_tile_tasks(client: Any) -> dict[str, int]:
-    def count(dask_worker: Any) -> int:
-        return len(
-            {
-                e[0]
-                for e in dask_worker.state.log
-                if len(e) >= 3
-                and e[1] == "executing"
-                and e[2] == "memory"
-                and str(e[0]).startswith("register_tile")
-            }
-        )
-
-    return client.run(count)
-
-
 def test_dask_worker_killed_during_nonrigid_stage(batch: dict[str, Any], tmp_path: Path) -> None:
     from distributed import Client
 
@@ -746,7 +661,7 @@ def test_dask_worker_killed_during_nonrigid_stage(batch: dict[str, Any], tmp_pat
     from wsireg_flow.pipeline import PairJob, run_pair
 
     reference = batch["world"]["other_job_overwrite"]
-    with _dask_cluster(tmp_path) as (address, procs), Client(address, timeout="60s") as client:
+    with dask_cluster(tmp_path) as (address, procs), Client(address, timeout="60s") as client:
         client.wait_for_workers(2, timeout=60)
         cfg = Config()
         cfg.dask.scheduler = address
@@ -779,12 +694,10 @@ def test_dask_worker_killed_during_nonrigid_stage(batch: dict[str, Any], tmp_pat
         assert all(outcome["ran"].values())
         survivors = [w["name"] for w in client.scheduler_info()["workers"].values()]
         assert survivors == [n for n in ("w0", "w1") if n != victim]
-        executed = _executed_tile_tasks(client)
-    levels = json.loads((job.run_dir / "nonrigid" / "levels.json").read_text())["levels"]
-    final = json.loads((job.run_dir / "stitch.json").read_text())["level"]
-    n_tiles = sum(lv["tiles"] for lv in [*levels, final])
-    print(f"\nkilled {victim} during {victim_keys[0]}; survivor ran {executed} of {n_tiles} tiles")
-    assert list(executed.values()) == [n_tiles]  # the killed worker's task was re-run there
+        executed = executed_tile_tasks(client)
+    tiles = n_tiles(job.run_dir)
+    print(f"\nkilled {victim} during {victim_keys[0]}; survivor ran {executed} of {tiles} tiles")
+    assert list(executed.values()) == [tiles]  # the killed worker's task was re-run there
     a = load_field(job.run_dir / "transform" / "backward.zarr").data
     b = load_field(reference / "transform" / "backward.zarr").data
     assert np.abs(b).max() > 1.0
