@@ -125,6 +125,18 @@ def _read(path: str, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarr
         return s.read_region(level, y0, x0, y1, x1)
 
 
+def tile_weight(
+    box: Box, grid_shape: tuple[int, int], overlap: int, mask: np.ndarray, confidence: float
+) -> np.ndarray:
+    """(h, w) stitching weight of a tile: blend window x softened tissue x confidence.
+
+    ``mask`` is the tile's (h, w) bool target tissue; off tissue the weight keeps 5 % so that
+    fields stay defined between tissue pieces.
+    """
+    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 4.0)
+    return blend_window(box, grid_shape, overlap) * (0.05 + soft) * np.float32(confidence)
+
+
 def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
     """Register one tile (see module docstring)."""
     y0, x0, y1, x1 = job.box
@@ -168,8 +180,7 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
         return TileResult(
             job.box, None, None, confidence, tissue, before_score, after_score, status
         )
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 4.0)
-    weight = blend_window(job.box, job.grid_shape, cfg.overlap) * (0.05 + soft) * confidence
+    weight = tile_weight(job.box, job.grid_shape, cfg.overlap, mask, confidence)
     return TileResult(
         job.box, residual, weight, confidence, tissue, before_score, after_score, status
     )

@@ -20,7 +20,6 @@ from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError
 from wsireg_flow.field import (
     StoredField,
-    blend_window,
     compose_residual,
     invert,
     jacobian_determinant,
@@ -30,7 +29,7 @@ from wsireg_flow.field import (
 )
 from wsireg_flow.geometry import rescale_affine, to_level0_affine
 from wsireg_flow.io.slide import Slide
-from wsireg_flow.nonrigid import TileJob, TileResult, register_tile
+from wsireg_flow.nonrigid import TileJob, TileResult, register_tile, tile_weight
 from wsireg_flow.parallel import map_tasks
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
@@ -265,7 +264,6 @@ def tile_fields(
     of the level above instead of taking its neighbours' residual; tiles without tissue or
     outside the source give nothing (the stitch fills them from their neighbours).
     """
-    soft = cv2.GaussianBlur(tiles.mask.astype(np.float32), (0, 0), 4.0)
     fields: list[np.ndarray | None] = []
     weights: list[np.ndarray | None] = []
     for r in tiles.results:
@@ -274,10 +272,15 @@ def tile_fields(
             weights.append(r.weight)
         elif r.status in KEEP_COARSE:
             y0, x0, y1, x1 = r.box
-            window = blend_window(r.box, tiles.shape, cfg.nonrigid.overlap)
             fields.append(np.zeros((2, y1 - y0, x1 - x0), np.float32))
             weights.append(
-                window * (0.05 + soft[y0:y1, x0:x1]) * np.float32(cfg.nonrigid.min_confidence)
+                tile_weight(
+                    r.box,
+                    tiles.shape,
+                    cfg.nonrigid.overlap,
+                    tiles.mask[y0:y1, x0:x1],
+                    cfg.nonrigid.min_confidence,
+                )
             )
         else:
             fields.append(None)
