@@ -273,6 +273,33 @@ def test_summary_agrees_with_an_independent_computation(full: dict[str, Any]) ->
     print(f"[anhir] minutes per pair: {summary['minutes_per_pair']:.4f}")
 
 
+def test_landmark_cycles_on_the_sample_run(full: dict[str, Any], tmp_path: Path) -> None:
+    """The cycle analysis runs on a real submission: the 6 lung-lesion_3 pairs form cycles, the
+    per-image offsets explain far more than chance, and the second annotator of He corrects the
+    first one against the offset the registrations found (annotation error, slope < 0)."""
+    from benchmarks_anhir.landmark_cycles import main
+
+    out = tmp_path / "cycles.json"
+    jb = ROOT / "data" / "anhir-sample-annotations" / "lung-lesion_3" / "user-JB_scale-50pc"
+    argv = [str(full["out"]), "--dataset", str(DATA), "--out", str(out)]
+    assert main([*argv, "--second", str(jb), "--second-scale", "0.1"]) == 0
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    (s,) = result["sets"]  # rat-kidney_ and lesions_ have one pair each: no cycle
+    assert s["set"] == "lung-lesion_3/scale-5pc" and len(s["pairs"]) == 6
+    assert s["chance_fraction"] == 0.5
+    assert s["explained_fraction"] > 0.7
+    for p in s["pairs"]:
+        assert p["median_residual_px"] < p["median_error_px"]
+    he = next(c for c in s["second_annotator"] if "He" in c["image"])
+    assert he["slope_x"] < -0.2 and he["slope_y"] < -0.2
+    print(
+        f"\n[cycles] explained {s['explained_fraction']:.2f}; offsets "
+        + ", ".join(f"{Path(k).stem}: {v:.2f} px" for k, v in s["median_offset_px"].items())
+        + f"; He second annotator slope x {he['slope_x']:.2f} y {he['slope_y']:.2f}"
+    )
+
+
 # -- a failed pair, --strict, resuming ------------------------------------------------------------
 BROKEN_INDEX = "1"  # lesions_: its source image is replaced by garbage
 
