@@ -69,6 +69,7 @@ def _progress(args: argparse.Namespace):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """`wsireg-flow info`: print a slide's levels, downsamples and pixel size."""
     from wsireg_flow.io.slide import open_slide
 
     cfg = _config(args)
@@ -78,6 +79,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    """`wsireg-flow ingest`: tile a slide into an OME-Zarr pyramid."""
     from wsireg_flow.io.omezarr import ingest
     from wsireg_flow.io.slide import open_slide
 
@@ -97,6 +99,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    """`wsireg-flow register`: register SOURCE onto TARGET (the pair flow) and print its summary."""
     from wsireg_flow.pipeline import (
         PAIR_STAGES,
         PairJob,
@@ -146,6 +149,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    """`wsireg-flow stack`: register serial sections to a reference section."""
     from flows.stack import register_stack
     from wsireg_flow.stack import StackJob, collect_sections
 
@@ -171,6 +175,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """`wsireg-flow serve`: serve the pair flow as a Prefect deployment (inbox, cron)."""
     from flows.inbox import process_inbox, serve
 
     if not args.inbox.is_dir():
@@ -192,6 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_anhir(args: argparse.Namespace) -> int:
+    """`wsireg-flow anhir`: register and score an ANHIR-layout dataset."""
     from flows.anhir import anhir_benchmark
 
     cfg = _config(args)
@@ -217,6 +223,7 @@ def cmd_anhir(args: argparse.Namespace) -> int:
 
 
 def cmd_warp_annotations(args: argparse.Namespace) -> int:
+    """`wsireg-flow warp-annotations`: map GeoJSON annotations through a finished run."""
     from wsireg_flow.annotations import warp_geojson_file
 
     print(warp_geojson_file(args.transform, args.geojson, args.out, args.direction, args.densify))
@@ -224,6 +231,7 @@ def cmd_warp_annotations(args: argparse.Namespace) -> int:
 
 
 def cmd_warp(args: argparse.Namespace) -> int:
+    """`wsireg-flow warp`: warp another image (or a label mask) through a finished run."""
     from wsireg_flow.io.slide import open_slide
     from wsireg_flow.transform import InverseView, Transform
     from wsireg_flow.warp import warp_slide
@@ -249,6 +257,7 @@ def cmd_warp(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`wsireg-flow export`: write an OME-Zarr pyramid as a pyramidal OME-TIFF."""
     from wsireg_flow.io.ometiff import export_ome_tiff
 
     print(
@@ -264,6 +273,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    """`wsireg-flow synth`: write a synthetic pair with a known deformation."""
     from wsireg_flow.synthetic import synthesize_pair
 
     try:
@@ -280,11 +290,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """`wsireg-flow config`: print the default configuration as YAML."""
     print(config_to_yaml(_config(args)), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``wsireg-flow`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="wsireg-flow", description="Register whole-slide histology images."
     )

@@ -119,6 +119,7 @@ def _report_from_dict(d: dict[str, Any]) -> LevelReport:
 
 
 def save_tiles(path: Path, t: LevelTiles) -> None:
+    """Write one level's tile results (residuals, weights, statuses) to an ``.npz`` (no pickles)."""
     arrays: dict[str, np.ndarray] = {"prior": t.prior, "mask": t.mask}
     meta = {
         "target_level": t.target_level,
@@ -146,6 +147,7 @@ def save_tiles(path: Path, t: LevelTiles) -> None:
 
 
 def load_tiles(path: Path) -> LevelTiles:
+    """Read the tile results written by :func:`save_tiles`."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         results = []
@@ -191,6 +193,7 @@ class PairJob:
     _fps: dict[str, str] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
+        """The job's inputs as JSON-ready text (what ``job.json`` records)."""
         return {
             "target": str(self.target),
             "source": str(self.source),
@@ -238,6 +241,7 @@ class PairJob:
 
     # convenience openers
     def slide(self, which: str) -> Slide:
+        """Open the ingested pyramid of ``which`` (``"target"`` or ``"source"``)."""
         return open_slide(self.run_dir / "ingest" / f"{which}.zarr")
 
 
@@ -284,6 +288,8 @@ def _same_job(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 # -- stage implementations (each returns its outputs, relative to the run directory) ---------
 def stage_ingest(job: PairJob, which: str, progress: ProgressFn | None = None) -> list[str]:
+    """Tile the ``which`` input into ``ingest/<which>.zarr``; returns the outputs written (paths
+    relative to the run directory), as every ``stage_*`` does."""
     path = job.target if which == "target" else job.source
     out = job.run_dir / "ingest" / f"{which}.zarr"
     cfg = job.cfg
@@ -301,6 +307,7 @@ def stage_ingest(job: PairJob, which: str, progress: ProgressFn | None = None) -
 
 
 def stage_preprocess(job: PairJob) -> list[str]:
+    """Tissue masks and intensity statistics of both slides (``preprocess.npz``)."""
     target, source = job.slide("target"), job.slide("source")
     check_physical_sizes(target, source, job.source)
     try:
@@ -338,6 +345,7 @@ def check_physical_sizes(
 
 
 def stage_coarse(job: PairJob) -> list[str]:
+    """Coarse affine at the rigid level (``coarse.json``); implausible fits are refused."""
     pre = Prepared.load(job.run_dir / "preprocess.npz")
     try:
         rigid, affine0 = coarse(job.slide("target"), job.slide("source"), pre, job.cfg)
@@ -355,6 +363,7 @@ def _affine(job: PairJob) -> tuple[np.ndarray, dict[str, Any]]:
 def stage_nonrigid(
     job: PairJob, scheduler: Any = "threads", progress: ProgressFn | None = None
 ) -> list[str]:
+    """Tile-wise non-rigid on every working level, one Dask task per tile (``nonrigid/``)."""
     pre = Prepared.load(job.run_dir / "preprocess.npz")
     affine0, _ = _affine(job)
     tiles, reports = nonrigid(
@@ -373,6 +382,7 @@ def stage_nonrigid(
 
 
 def stage_stitch(job: PairJob) -> list[str]:
+    """Stitch the finest level, invert the field and write ``transform/`` (both directions)."""
     affine0, rigid = _affine(job)
     tiles_path = job.run_dir / "nonrigid" / "tiles.npz"
     residual, downsample, report = None, None, None
@@ -393,6 +403,7 @@ def stage_stitch(job: PairJob) -> list[str]:
 
 
 def stage_warp(job: PairJob, progress: ProgressFn | None = None) -> list[str]:
+    """Warp the full-resolution source into the target frame, chunk by chunk (``warped.zarr``)."""
     cfg = job.cfg
     target = job.slide("target")
     warp_slide(
@@ -410,12 +421,14 @@ def stage_warp(job: PairJob, progress: ProgressFn | None = None) -> list[str]:
 
 
 def level_reports(job: PairJob) -> list[LevelReport]:
+    """Reports of every non-rigid level of a finished run, coarsest first."""
     levels = json.loads((job.run_dir / "nonrigid" / "levels.json").read_text())["levels"]
     final = json.loads((job.run_dir / "stitch.json").read_text())["level"]
     return [_report_from_dict(d) for d in [*levels, *([final] if final else [])]]
 
 
 def stage_evaluate(job: PairJob) -> list[str]:
+    """Warp landmarks both ways and write ``metrics.json`` (rTRE when both files are given)."""
     transform = Transform.load(job.run_dir / "transform")
     _, rigid = _affine(job)
     reports = level_reports(job)
@@ -455,6 +468,7 @@ def _stage_seconds(run_dir: Path) -> dict[str, float]:
 
 
 def stage_qc(job: PairJob) -> list[str]:
+    """QC figures (``qc/*.png``) and the self-contained ``qc/report.html``."""
     transform = Transform.load(job.run_dir / "transform")
     pts = None
     if job.target_landmarks and job.source_landmarks:

@@ -62,12 +62,16 @@ class LevelReport:
 
 @dataclass
 class Registration:
+    """Result of :func:`register_slides`: the transform, the coarse fit, per-level reports and
+    stage timings (s)."""
+
     transform: Transform
     rigid: RigidResult
     levels: list[LevelReport]
     timings: dict[str, float]
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready dict of the coarse fit, the level reports and the timings (s)."""
         return {
             "rigid": self.rigid.to_dict(),
             "levels": [
@@ -114,6 +118,7 @@ class Prepared:
     source_stats: IntensityStats
 
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write levels, masks and intensity statistics to one ``.npz`` (no pickles)."""
         np.savez_compressed(
             path,
             levels=np.array([self.target_level, self.source_level]),
@@ -131,6 +136,7 @@ class Prepared:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Prepared:
+        """Read an ``.npz`` written by :meth:`save`."""
         with np.load(path, allow_pickle=False) as z:
             lv, st = z["levels"], z["stats"]
             return cls(

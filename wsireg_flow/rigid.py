@@ -46,6 +46,7 @@ class RigidResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict of the fit and its diagnostics."""
         return {
             "method": self.method,
             "n_matches": self.n_matches,

@@ -81,9 +81,11 @@ class StackJob:
 
     @property
     def ref(self) -> int:
+        """Index of the reference section (the middle one unless given)."""
         return len(self.sections) // 2 if self.reference is None else self.reference
 
     def validate(self) -> None:
+        """Check the reference index and the landmark files before any work (raises)."""
         n = len(self.sections)
         if not 0 <= self.ref < n:
             raise WsiregError(f"reference {self.ref} is not a section index (0..{n - 1})")
@@ -93,6 +95,7 @@ class StackJob:
             read_landmarks(lm)
 
     def name(self, k: int) -> str:
+        """Folder-safe name of section ``k``: its index and file stem."""
         return f"{k:02d}-{self.sections[k].name.split('.')[0]}"
 
     def neighbour(self, k: int) -> int:
@@ -121,6 +124,7 @@ class StackJob:
         return list(reversed(out))
 
     def chain(self, k: int) -> TransformChain:
+        """The backward maps from the reference frame to section ``k``, neighbour by neighbour."""
         ref_shape = open_slide(self.pair_or_ingest(self.ref)).shapes[0][:2]
         transforms = [
             Transform.load(self.pair_job(i).run_dir / "transform") for i in self.chain_pairs(k)
@@ -137,6 +141,7 @@ class StackJob:
         raise WsiregError("reference has no neighbour")
 
     def section_fingerprint(self, k: int) -> str:
+        """Fingerprint of everything section ``k``'s warp depends on (its chain, file, settings)."""
         fps = [self.pair_job(i).fingerprints()["stitch"] for i in self.chain_pairs(k)]
         return fingerprint(
             "stack-section",
@@ -149,6 +154,8 @@ class StackJob:
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
+    """Create the stack run directory and ``stack.json``; refuse one holding another stack
+    unless ``overwrite`` (which empties it first)."""
     d = job.run_dir
     desc = {
         "sections": [str(p) for p in job.sections],

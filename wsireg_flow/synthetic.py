@@ -125,6 +125,7 @@ class _ColourView:
 
 
 def colour_slide(density: Slide, stain: str) -> Slide:
+    """Lazy RGB view of a density slide, coloured like ``stain`` level by level."""
     return Slide(
         density.path,
         [_ColourView(lv, stain) for lv in density.levels],

@@ -105,6 +105,8 @@ class Transform:
 
     # -- storage -----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``affine.json`` and the stored fields (``backward.zarr``, ``inverse.zarr``)
+        into ``directory`` (created if needed); returns it."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         info = {
@@ -125,6 +127,7 @@ class Transform:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Transform:
+        """Read a directory written by :meth:`save`; :class:`InputError` names the bad file."""
         d = Path(directory)
         try:
             info = json.loads((d / "affine.json").read_text())
@@ -161,12 +164,15 @@ class TransformChain:
     target_shape: tuple[int, int]
 
     def target_to_source(self, points_xy: np.ndarray) -> np.ndarray:
+        """Map (N, 2) reference-frame (x, y) level-0 px into the last section's frame."""
         p = np.asarray(points_xy, np.float64).reshape(-1, 2)
         for t in self.transforms:
             p = t.target_to_source(p)
         return p
 
     def source_to_target(self, points_xy: np.ndarray, exact: bool = True) -> np.ndarray:
+        """Map (N, 2) (x, y) level-0 px of the last section into the reference frame (each
+        transform inverted in turn; ``exact`` as in :meth:`Transform.source_to_target`)."""
         p = np.asarray(points_xy, np.float64).reshape(-1, 2)
         for t in reversed(self.transforms):
             p = t.source_to_target(p, exact=exact)
@@ -199,9 +205,12 @@ class InverseView:
 
     @property
     def target_shape(self) -> tuple[int, int]:
+        """(H, W) level-0 px of the frame this view resamples into (the source slide's)."""
         return self.transform.source_shape
 
     def backward_coords(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Target level-0 (x, y) maps, each (h, w) float32, for a source-frame box whose top-left
+        pixel is (y0, x0)."""
         ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float64)
         inv = np.linalg.inv(self.transform.affine)
         qx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
