@@ -22,7 +22,6 @@ a PNG of the target / warped-source crops around the worst landmarks of the wors
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -35,9 +34,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from benchmarks_anhir.run import finished_run_parser
 from wsireg_flow.io.omezarr import open_ngff
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import paired, read_landmarks
+from wsireg_flow.qc import write_figure
 from wsireg_flow.tissue import optical_density
 
 SIGMAS_PX = (30.0, 60.0, 100.0, 200.0)
@@ -148,17 +149,11 @@ def crops_figure(
             ax.set_title(f"landmark {j + 1}, {name}: error {error[j]:.1f} px", fontsize=8)
             ax.axis("off")
     fig.suptitle(f"pair {row['']}: {row['Target image']} <- {row['Source image']}", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=70)
-    plt.close(fig)
-    return out
+    return write_figure(fig, out, dpi=70)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="output folder of `wsireg-flow anhir`")
-    ap.add_argument("--dataset", type=Path, required=True, help="the dataset root it scored")
+    ap = finished_run_parser(__doc__)
     ap.add_argument("--out", type=Path, default=None, help="JSON (default RUN/landmark-...)")
     ap.add_argument("--radius", type=int, default=20, help="patch half-size R, px")
     ap.add_argument("--search", type=int, default=8, help="search range S, px")

@@ -27,7 +27,6 @@ registrations missed, the second annotator, who saw the same tissue, does not co
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -39,7 +38,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from benchmarks_anhir.run import finished_run_parser
 from wsireg_flow.landmarks import Pair, paired, read_landmarks, read_pair_table
+from wsireg_flow.qc import write_figure
 
 
 def solve_image_offsets(
@@ -187,17 +188,11 @@ def figure(sets: list[dict[str, Any]], out: Path) -> Path:
         ax.set_ylabel("second - first annotator [px]")
         ax.set_title(Path(c["image"]).stem, fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return write_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="output folder of `wsireg-flow anhir`")
-    ap.add_argument("--dataset", type=Path, required=True, help="the dataset root it scored")
+    ap = finished_run_parser(__doc__)
     ap.add_argument("--second", type=Path, default=None, help="folder of a second annotator's "
                     "CSVs, named like the images")  # fmt: skip
     ap.add_argument("--second-scale", type=float, default=1.0, help="factor to the dataset scale")

@@ -17,6 +17,7 @@ in-memory state. A failed pair is recorded with its initial error and robustness
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -44,6 +45,7 @@ from wsireg_flow.landmarks import (
 from wsireg_flow.metrics import PairScore, aggregate, score_pair
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair
 from wsireg_flow.progress import ProgressFn
+from wsireg_flow.qc import write_figure
 
 # Published results on the 251 hidden evaluation pairs (ANHIR challenge paper re-evaluation).
 PUBLISHED = [
@@ -348,10 +350,7 @@ def boxplot(path: Path, submission: Path, root: Path, rows: Sequence[dict[str, A
     ax.set_ylabel("rTRE (TRE / target diagonal)")
     ax.legend([b1["boxes"][0], b2["boxes"][0]], ["before", "after"])
     ax.set_title("ANHIR rTRE per pair")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    write_figure(fig, path, dpi=90)
 
 
 def write_outputs(
@@ -428,6 +427,16 @@ def write_outputs(
             shutil.copyfile(qc, dst)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def finished_run_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Argument parser of a diagnostic that reads a finished ``wsireg-flow anhir`` output folder:
+    the positional ``run`` and ``--dataset`` (the dataset root it scored); the description is
+    the first paragraph of ``doc``."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="output folder of `wsireg-flow anhir`")
+    ap.add_argument("--dataset", type=Path, required=True, help="the dataset root it scored")
+    return ap
 
 
 def load_dataset(root: Path, table: Path, status: str | None, limit: int | None) -> list[Pair]:

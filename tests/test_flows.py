@@ -71,11 +71,16 @@ def pair_runs(prefect_env: None, tmp_path_factory: pytest.TempPathFactory) -> di
     handler.emit = records.append  # type: ignore[method-assign]
     prefect_logger = logging.getLogger("prefect")
     prefect_logger.addHandler(handler)
+    # INFO must reach the handler whatever the root level is (an in-process CLI call earlier in
+    # the session leaves the root logger at WARNING, which run loggers would inherit)
+    level = prefect_logger.level
+    prefect_logger.setLevel(logging.INFO)
     t0 = time.perf_counter()
     try:
         rec["first"] = register_pair(_job(out), echo=lambda *a: echoed.append(a))
     finally:
         prefect_logger.removeHandler(handler)
+        prefect_logger.setLevel(level)
     rec["first_seconds"] = time.perf_counter() - t0
     rec["first_echo"] = echoed
     rec["first_logs"] = [r.getMessage() for r in records]

@@ -284,6 +284,32 @@ def test_planar_cyx_ome_tiff_is_presented_as_yxc(tmp_path: Path) -> None:
         assert s.levels[0][5:6, 6:7, 2:3].item() == cyx[2, 5, 6]
 
 
+def test_read_planes_equals_read_region_for_planar_and_interleaved(tmp_path: Path) -> None:
+    """read_planes gives the channels of read_region (clipped alike) whether the level is stored
+    (c, y, x) or (y, x, c)."""
+    data = _rgb(300, 400, seed=11)
+    planar = tmp_path / "planar.ome.tif"
+    tifffile.imwrite(
+        planar,
+        np.ascontiguousarray(np.moveaxis(data, 2, 0)),
+        ome=True,
+        photometric="minisblack",
+        metadata={"axes": "CYX"},
+        tile=(128, 128),
+    )
+    interleaved = tmp_path / "rgb.tif"
+    tifffile.imwrite(interleaved, data, tile=(128, 128), photometric="rgb")
+    for path in (planar, interleaved):
+        with open_slide(path) as s:
+            for box in ((10, 20, 210, 320), (-5, 350, 40, 500)):
+                planes = s.read_planes(0, *box)
+                region = s.read_region(0, *box)
+                assert len(planes) == 3
+                for k, plane in enumerate(planes):
+                    assert plane.flags.c_contiguous
+                    np.testing.assert_array_equal(plane, region[:, :, k])
+
+
 def test_planar_separate_rgb_tiff(tmp_path: Path) -> None:
     data = _rgb(200, 260, seed=9)
     path = tmp_path / "sep.tif"

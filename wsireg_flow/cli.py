@@ -106,6 +106,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         check_inputs,
         check_run_dir,
         job_is_complete,
+        registration_quality,
     )
 
     cfg = _config(args)
@@ -127,12 +128,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 
         ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
     metrics = json.loads((args.out / "metrics.json").read_text())
-    finest = (metrics.get("levels") or [{}])[-1]
+    quality = registration_quality(metrics)
     summary: dict[str, object] = {
         "out": str(args.out),
-        "rigid": metrics["rigid"]["method"],
-        "tiles_ok": f"{finest.get('tiles_ok', 0)}/{finest.get('tiles', 0)}",
-        "folding_fraction": round(float(metrics.get("folding_fraction") or 0.0), 6),
+        "rigid": quality["coarse_method"],
+        "tiles_ok": f"{quality['tiles_ok']}/{quality['tiles']}",
+        "folding_fraction": round(quality["folding_fraction"], 6),
         "report": str(args.out / "qc" / "report.html"),
         "stages_run": [k for k, v in ran.items() if v],
     }

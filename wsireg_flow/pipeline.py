@@ -467,6 +467,19 @@ def _stage_seconds(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Quality figures of a finished pair from its ``metrics.json`` dict: the coarse method, the
+    finest level's accepted / total tiles and mean tile confidence, and the folding fraction."""
+    finest = (metrics.get("levels") or [{}])[-1]
+    return {
+        "coarse_method": metrics["rigid"]["method"],
+        "tiles_ok": finest.get("tiles_ok", 0),
+        "tiles": finest.get("tiles", 0),
+        "mean_confidence": finest.get("mean_confidence"),
+        "folding_fraction": float(metrics.get("folding_fraction") or 0.0),
+    }
+
+
 def stage_qc(job: PairJob) -> list[str]:
     """QC figures (``qc/*.png``) and the self-contained ``qc/report.html``."""
     transform = Transform.load(job.run_dir / "transform")

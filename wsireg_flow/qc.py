@@ -41,12 +41,12 @@ def checkerboard(target: np.ndarray, source: np.ndarray, n: int = 8) -> np.ndarr
     return out
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
-    """Lay out, write (PNG, 80 dpi) and close a figure."""
+def write_figure(fig: plt.Figure, path: str | os.PathLike[str], dpi: int = 80) -> Path:
+    """Lay out, write (PNG) and close a figure; creates the parent folder."""
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=80)
+    fig.savefig(p, dpi=dpi)
     plt.close(fig)
     return p
 
@@ -87,7 +87,7 @@ def save_figure(
             ax.plot(b[:, 0], b[:, 1], "o", ms=2, color="yellow")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return write_figure(fig, path)
 
 
 def deformation_grid_figure(
@@ -118,7 +118,7 @@ def deformation_grid_figure(
     ax.set_ylim(h, 0)
     ax.axis("off")
     ax.set_title(f"deformation grid (non-rigid part x{gain:g}, grid {step * spacing_px:.0f} px)")
-    return _save(fig, path)
+    return write_figure(fig, path)
 
 
 def jacobian_figure(path: str | os.PathLike[str], jac: np.ndarray) -> Path:
@@ -131,7 +131,7 @@ def jacobian_figure(path: str | os.PathLike[str], jac: np.ndarray) -> Path:
     ax.set_title(f"Jacobian determinant (folds: {100 * share:.3f} % of grid, black)")
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.04)
-    return _save(fig, path)
+    return write_figure(fig, path)
 
 
 def _data_uri(png: Path) -> str:

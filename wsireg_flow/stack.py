@@ -31,7 +31,7 @@ from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, WsiregError
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
-from wsireg_flow.pipeline import PairJob, write_json
+from wsireg_flow.pipeline import PairJob, registration_quality, write_json
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.qc import html_report, overlay, save_figure
@@ -213,16 +213,8 @@ def warp_section(job: StackJob, k: int, progress: ProgressFn | None = None) -> b
 
 def _pair_quality(run_dir: Path) -> dict[str, Any]:
     """What a pair run's metrics.json says of its registration (coarse fit, finest tiles)."""
-    m = json.loads((run_dir / "metrics.json").read_text())
-    finest = (m.get("levels") or [{}])[-1]
-    return {
-        "pair": run_dir.name,
-        "coarse_method": m["rigid"]["method"],
-        "tiles_ok": finest.get("tiles_ok"),
-        "tiles": finest.get("tiles"),
-        "mean_confidence": finest.get("mean_confidence"),
-        "folding_fraction": m.get("folding_fraction"),
-    }
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"pair": run_dir.name, **registration_quality(metrics)}
 
 
 def stack_metrics(job: StackJob) -> dict[str, Any]:

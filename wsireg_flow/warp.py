@@ -60,7 +60,7 @@ def warp_chunk(
             return out
         if bx1 - bx0 >= CV_MAX or by1 - by0 >= CV_MAX:
             raise ValueError(f"source box {(by1 - by0, bx1 - bx0)} exceeds OpenCV's limit")
-        planes = _read_planes(src, by0, bx0, by1, bx1)
+        planes = src.read_planes(0, by0, bx0, by1, bx1)
     finally:
         if isinstance(source, str):
             src.close()
@@ -75,20 +75,6 @@ def warp_chunk(
             plane, m1, m2, interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
         )
     return out
-
-
-def _read_planes(src: Slide, y0: int, x0: int, y1: int, x1: int) -> list[np.ndarray]:
-    """Level-0 region as contiguous (y, x) planes, one per channel.
-
-    OME-Zarr levels are stored (c, y, x): reading them plane by plane avoids an interleaving
-    copy (and its inverse when the result is written back as (c, y, x)).
-    """
-    arr = getattr(src.levels[0], "_arr", None)
-    if getattr(src.levels[0], "_axes", "") == "CYX" and arr is not None:
-        block = np.asarray(arr[:, y0:y1, x0:x1])
-        return [np.ascontiguousarray(block[k]) for k in range(block.shape[0])]
-    crop = src.read_region(0, y0, x0, y1, x1)
-    return [np.ascontiguousarray(crop[:, :, k]) for k in range(crop.shape[2])]
 
 
 def warped_level0(
