@@ -96,6 +96,18 @@ def correction_slope(offset: np.ndarray, correction: np.ndarray) -> dict[str, fl
     return out
 
 
+def offset_only_rtre(explained: np.ndarray, diagonals: list[float]) -> np.ndarray:
+    """Median rTRE per pair of the error part the per-image offsets explain.
+
+    ``explained`` is (P, N, 2): each pair's error minus its residual, (x, y) px in the target
+    frame; ``diagonals`` the P target diagonals [px]. This is what each pair would score if its
+    own residual were zero, i.e. if that pair's registration removed everything that is not
+    shared with the other pairs of the same images.
+    """
+    rtre = np.linalg.norm(explained, axis=2) / np.asarray(diagonals, float)[:, None]
+    return np.median(rtre, axis=1)
+
+
 def _affine_linear(run: Path, pair: Pair) -> np.ndarray:
     info = json.loads((run / "pairs" / pair.index / "transform" / "affine.json").read_text())
     return np.asarray(info["affine"], float)[:2, :2]
@@ -127,6 +139,7 @@ def analyse_set(
     index = [(images.index(p.target_image), images.index(p.source_image)) for p in pairs]
     linear = np.stack([_affine_linear(run, p) for p in pairs])
     offsets, residuals = solve_image_offsets(index, errors, linear, len(images))
+    offset_only = offset_only_rtre(errors - residuals, [p.image_diagonal for p in pairs])
     energy = float((errors**2).sum())
     result: dict[str, Any] = {
         "images": images,
@@ -143,9 +156,11 @@ def analyse_set(
                 "source": p.source_image,
                 "median_error_px": float(np.median(np.linalg.norm(errors[q], axis=1))),
                 "median_residual_px": float(np.median(np.linalg.norm(residuals[q], axis=1))),
+                "median_offset_only_rtre": float(offset_only[q]),
             }
             for q, p in enumerate(pairs)
         ],
+        "mean_median_offset_only_rtre": float(np.mean(offset_only)),
         "second_annotator": [],
     }
     for k, im in enumerate(images):
@@ -217,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  offset {Path(im).stem:>40}: median {v:5.2f} px")
         for q in s["pairs"]:
             print(f"  pair {q['pair']:>3}: error {q['median_error_px']:5.2f} px, "
-                  f"left after offsets {q['median_residual_px']:5.2f} px")  # fmt: skip
+                  f"left after offsets {q['median_residual_px']:5.2f} px, "
+                  f"offsets alone {q['median_offset_only_rtre']:.5f} rTRE")  # fmt: skip
+        print(f"  mean of the pairs' median rTRE with offsets alone (zero residual): "
+              f"{s['mean_median_offset_only_rtre']:.5f}")  # fmt: skip
         for c in s["second_annotator"]:
             print(f"  second annotator on {Path(c['image']).stem}: {c['points']} points, "
                   f"slope x {c['slope_x']:.2f} y {c['slope_y']:.2f}, "

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks_anhir.landmark_cycles import correction_slope, solve_image_offsets
+from benchmarks_anhir.landmark_cycles import (
+    correction_slope,
+    offset_only_rtre,
+    solve_image_offsets,
+)
 
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # ANHIR pairs every image of a set
 
@@ -68,3 +72,22 @@ def test_second_annotator_slope_tells_annotation_error_from_deformation() -> Non
     # deformation: both annotators clicked the same (deformed) tissue, so no correction
     s = correction_slope(n, second_noise)
     assert abs(s["slope_x"]) < 0.1 and abs(s["slope_y"]) < 0.1
+
+
+def test_offset_only_score_is_the_error_when_offsets_explain_it_and_lower_when_not() -> None:
+    rng = np.random.default_rng(4)
+    offsets = rng.normal(0, 3, size=(4, 400, 2))
+    same = np.stack([np.eye(2)] * 6)
+    diagonals = [1000.0] * 6
+    consistent = _errors(offsets, same)
+    _, residual = solve_image_offsets(PAIRS, consistent, same, 4)
+    full = np.median(np.linalg.norm(consistent, axis=2), axis=1) / 1000.0
+    np.testing.assert_allclose(offset_only_rtre(consistent - residual, diagonals), full, atol=1e-12)
+    # independent pair errors: the offsets keep only part of them, so the score drops
+    independent = rng.normal(0, 3, size=(6, 400, 2))
+    _, residual = solve_image_offsets(PAIRS, independent, same, 4)
+    kept = offset_only_rtre(independent - residual, diagonals)
+    whole = np.median(np.linalg.norm(independent, axis=2), axis=1) / 1000.0
+    assert np.all(kept < 0.85 * whole)
+    # the diagonal divides: twice the diagonal, half the rTRE
+    np.testing.assert_allclose(offset_only_rtre(consistent, [2000.0] * 6), full / 2)
