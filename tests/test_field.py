@@ -190,6 +190,34 @@ def test_stitch_smoothing_keeps_constant_field_next_to_missing_tile() -> None:
     np.testing.assert_allclose(out[1][solid], -4.0, atol=0.01)
 
 
+def test_tiles_without_tissue_keep_the_coarse_transform_away_from_tissue() -> None:
+    """Tiles without tissue give nothing to the stitch. With the default settings the field
+    continues smoothly from the tissue tiles into a band of up to one tile (no fold at the
+    tissue border) and beyond it is zero: the transform of the level above is kept."""
+    from wsireg_flow.config import Config
+
+    nr = Config().nonrigid
+    shape = (2048, 3072)
+    boxes = tile_boxes(shape, nr.tile, nr.overlap)
+    # tiles ending at x <= 1024 have tissue and a residual of (-3, 6) px; the last ends at 896
+    tissue_right = max(b[3] for b in boxes if b[3] <= 1024)
+    fields: list[np.ndarray | None] = []
+    weights: list[np.ndarray | None] = []
+    for b in boxes:
+        y0, x0, y1, x1 = b
+        on_tissue = x1 <= 1024
+        f = np.empty((2, y1 - y0, x1 - x0), np.float32)
+        f[0], f[1] = -3.0, 6.0
+        fields.append(f if on_tissue else None)
+        weights.append(blend_window(b, shape, nr.overlap) * 0.6 if on_tissue else None)
+    out, _ = stitch(fields, weights, boxes, shape, nr.smooth_sigma, fill_sigma=nr.tile / 4)
+    magnitude = np.hypot(out[0], out[1])
+    # full residual up to the last tissue tile's blend ramp (the weight prior costs 0.01 px)
+    assert np.abs(magnitude[:, : tissue_right - nr.overlap] - np.hypot(3, 6)).max() < 0.02
+    assert magnitude[:, tissue_right + nr.tile :].max() < 0.05  # one tile beyond: coarse kept
+    assert jacobian_determinant(out).min() > 0.9  # the transition does not fold
+
+
 # --------------------------------------------------------------------------- compose_residual
 
 

@@ -268,7 +268,8 @@ def tile_fields(
     low-confidence result) gives a zero residual, weighted like a tile at the acceptance
     threshold (blend window x tissue x ``min_confidence``), so that its area keeps the transform
     of the level above instead of taking its neighbours' residual; tiles without tissue or
-    outside the source give nothing (the stitch fills them from their neighbours).
+    outside the source give nothing: the stitch continues the field from their neighbours over
+    up to about one tile and keeps the transform of the level above beyond that.
     """
     fields: list[np.ndarray | None] = []
     weights: list[np.ndarray | None] = []
