@@ -302,6 +302,32 @@ def test_landmark_cycles_on_the_sample_run(full: dict[str, Any], tmp_path: Path)
     )
 
 
+def test_landmark_consistency_on_the_sample_run(full: dict[str, Any], tmp_path: Path) -> None:
+    """The re-matching diagnostic runs on a real submission and supports what the README says:
+    re-matching the warped source around each landmark does not lower the error, and the
+    neighbours' residuals do not predict a landmark's residual by more than ~1 px."""
+    from benchmarks_anhir.landmark_consistency import main
+
+    out = tmp_path / "consistency.json"
+    assert main([str(full["out"]), "--dataset", str(DATA), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p["pair"] for p in result["pairs"]) == [str(i) for i in range(8)]
+    assert (
+        result["mean_median_error_px_after_rematch"]
+        > result["mean_median_error_px_same_points"] - 0.3
+    )
+    for p in result["pairs"]:
+        assert abs(p["median_rtre"] * p["diagonal"] - p["median_error_px"]) < 1e-6
+        best = min(p["median_error_px_after_smooth_correction"].values())
+        assert best > p["median_error_px"] - 1.0
+    print(
+        f"\n[consistency] mean median error {result['mean_median_error_px']:.2f} px, same points "
+        f"{result['mean_median_error_px_same_points']:.2f}, re-matched "
+        f"{result['mean_median_error_px_after_rematch']:.2f}"
+    )
+
+
 # -- a failed pair, --strict, resuming ------------------------------------------------------------
 BROKEN_INDEX = "1"  # lesions_: its source image is replaced by garbage
 
