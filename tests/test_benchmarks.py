@@ -1,0 +1,68 @@
+"""The benchmark scripts the README quotes run as written and record what they claim to.
+
+These are not timed tests: they check that the commands work and that their JSON carries every
+number the README reports (at a small size), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsireg_flow.pipeline import PAIR_STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_gigapixel_benchmark_runs_and_records_time_memory_and_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "gigapixel.json"
+    proc = _run_module(
+        "benchmarks_anhir.gigapixel",
+        *("--sizes", "2048", "--workers", "1", "--data", str(tmp_path), "--out", str(out)),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cores"] >= 1
+    (r,) = doc["results"]
+    assert (r["size"], r["workers"], r["scheduler"]) == (2048, 1, "threads")
+    assert set(r["seconds_per_stage"]) == set(PAIR_STAGES)
+    assert r["seconds_total"] >= sum(r["seconds_per_stage"].values()) * 0.9
+    assert 0.05 < r["peak_rss_gb"] < 24.0
+    assert r["landmarks"] == 200
+    # the ground truth is recovered (the README's 0.6 px median is at 40000 px)
+    assert r["tre_px_median"] < 0.5
+    assert r["tre_px_median"] <= r["tre_px_p90"] <= r["tre_px_max"]
+    # the printed table carries the same row
+    assert f"{r['seconds_total']:>8}" in proc.stdout
+    assert not any(p.name.startswith("run-") for p in tmp_path.iterdir())  # run dirs removed
+
+
+@pytest.mark.slow
+def test_prefect_overhead_benchmark_runs_the_pair_three_ways(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    proc = _run_module("benchmarks_anhir.prefect_overhead", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    for k in ("library_s", "flow_cold_s", "flow_warm_s"):
+        assert doc[k] > 0
+    assert doc["overhead_cold_s"] == pytest.approx(doc["flow_cold_s"] - doc["library_s"], abs=0.02)
+    assert doc["overhead_warm_s"] == pytest.approx(doc["flow_warm_s"] - doc["library_s"], abs=0.02)
+    assert doc["stages"] == len(PAIR_STAGES)
