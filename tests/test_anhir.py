@@ -305,7 +305,8 @@ def test_landmark_cycles_on_the_sample_run(full: dict[str, Any], tmp_path: Path)
 def test_landmark_consistency_on_the_sample_run(full: dict[str, Any], tmp_path: Path) -> None:
     """The re-matching diagnostic runs on a real submission and supports what the README says:
     re-matching the warped source around each landmark does not lower the error, and the
-    neighbours' residuals do not predict a landmark's residual by more than ~1 px."""
+    neighbours' residuals predict little of a landmark's residual (a smooth registration error
+    would be predicted)."""
     from benchmarks_anhir.landmark_consistency import main
 
     out = tmp_path / "consistency.json"
@@ -317,10 +318,12 @@ def test_landmark_consistency_on_the_sample_run(full: dict[str, Any], tmp_path: 
         result["mean_median_error_px_after_rematch"]
         > result["mean_median_error_px_same_points"] - 0.3
     )
+    best = []
     for p in result["pairs"]:
         assert abs(p["median_rtre"] * p["diagonal"] - p["median_error_px"]) < 1e-6
-        best = min(p["median_error_px_after_smooth_correction"].values())
-        assert best > p["median_error_px"] - 1.0
+        best.append(min(p["median_error_px_after_smooth_correction"].values()))
+        assert best[-1] > p["median_error_px"] - 1.5
+    assert np.mean(best) > result["mean_median_error_px"] - 0.5
     print(
         f"\n[consistency] mean median error {result['mean_median_error_px']:.2f} px, same points "
         f"{result['mean_median_error_px_same_points']:.2f}, re-matched "

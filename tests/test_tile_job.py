@@ -1,17 +1,23 @@
-"""A tile job rebuilds the dense backward map of its tile from a crop of the coarser residual."""
+"""A tile job rebuilds the dense backward map of its tile from a crop of the coarser residual;
+its registration accepts a correct flow."""
 
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from wsireg_flow.config import Config
 from wsireg_flow.field import resize_field, tile_boxes
+from wsireg_flow.nonrigid import register_tile, resample_composed
 from wsireg_flow.register import _job
-from wsireg_flow.tissue import IntensityStats
+from wsireg_flow.synthetic import colorize, density_tile
+from wsireg_flow.tissue import IntensityStats, intensity_stats, optical_density
 
 
 @pytest.mark.parametrize("factor", [2.0, 2.0 * 1001 / 1000])
@@ -63,3 +69,47 @@ def test_first_level_job_is_the_affine_alone() -> None:
     m = job.map_xy()
     assert m.shape == (2, 128, 128)
     assert (m[0, 0, 0], m[1, 0, 0]) == (205.0, 93.0)  # (x, y) = (200 + 5, 100 - 7)
+
+
+def test_fine_texture_tile_with_a_known_shift_is_accepted(tmp_path: Path) -> None:
+    """On finely textured tissue a tile misaligned by a few px gains correlation from its flow
+    and is accepted. The gain check resamples the source once through the composed map; the
+    earlier check resampled the already warped tile again, whose blur cost more correlation
+    than the alignment gained, so such tiles were rejected as "no gain" (measured here:
+    0.951 before, 0.950 after double resampling, 0.999 after single)."""
+    size, shift = 512, (2.6, -3.3)  # (dy, dx) px: target(p) = source(p + shift)
+    density = density_tile(1000, 1000, size + 64, size + 64, seed=5)
+    density[density == 0] = 60  # all tissue
+    source = colorize(density, "he")
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    target = cv2.remap(source, xs + 32 + shift[1], ys + 32 + shift[0], cv2.INTER_CUBIC)
+    source = np.ascontiguousarray(source[32 : 32 + size, 32 : 32 + size])
+    cv2.imwrite(str(tmp_path / "t.png"), cv2.cvtColor(target, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(tmp_path / "s.png"), cv2.cvtColor(source, cv2.COLOR_RGB2BGR))
+    stats = intensity_stats(optical_density(target))
+    t, s = SimpleNamespace(path=tmp_path / "t.png"), SimpleNamespace(path=tmp_path / "s.png")
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = np.ones((size, size), bool)
+    job = _job(t, 0, s, 0, (0, 0, size, size), (size, size), None, 1.0, identity, mask,
+               stats, stats)  # fmt: skip
+    result = register_tile(job, Config().nonrigid)
+    print(f"\nncc before {result.ncc_before:.4f} after {result.ncc_after:.4f}: {result.status}")
+    assert result.status == "ok"
+    assert result.ncc_after > result.ncc_before + 0.02
+    assert result.residual is not None
+    inner = result.residual[:, 64:-64, 64:-64]
+    assert abs(float(np.median(inner[0])) - shift[0]) < 0.1
+    assert abs(float(np.median(inner[1])) - shift[1]) < 0.1
+
+
+def test_resample_composed_interpolates_once_through_the_composed_map() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((200, 240)).astype(np.float32)
+    ys, xs = np.mgrid[0:100, 0:120].astype(np.float32)
+    map_x, map_y = 1.1 * xs + 0.2 * ys + 20.0, -0.1 * xs + 0.9 * ys + 30.0  # affine map m
+    residual = np.stack([np.full_like(xs, 1.5), np.full_like(xs, -2.25)])  # (dy, dx)
+    got = resample_composed(image, map_x, map_y, residual)
+    px, py = xs - 2.25, ys + 1.5  # p + r(p); m is affine, so m(p + r) is exact
+    want = cv2.remap(image, 1.1 * px + 0.2 * py + 20.0, -0.1 * px + 0.9 * py + 30.0,
+                     cv2.INTER_LINEAR)  # fmt: skip
+    np.testing.assert_allclose(got[3:-3, 3:-3], want[3:-3, 3:-3], atol=1e-3)

@@ -5,8 +5,11 @@ the target tile at the working level and the source crop that the current backwa
 the whole tile to, plus a margin. It resamples the crop onto the tile grid with the current
 map, estimates a dense residual with OpenCV's DIS optical flow on stain-independent
 intensities, and returns the residual (2, h, w) as (dy, dx) in working-level pixels together
-with a per-pixel weight and a confidence. Tiles without tissue, or whose result is implausible
-(no correlation gain, displacement too large, folding), return no residual: the stitched field
+with a per-pixel weight and a confidence. The confidence is the normalised cross-correlation
+(on tissue) of the target tile with the source resampled once through the current map composed
+with the residual as the stitch will keep it (smoothed with ``smooth_sigma``). Tiles without
+tissue, or whose result is implausible (no correlation gain, confidence below
+``min_confidence``, displacement too large, folding), return no residual: the stitched field
 keeps the current (coarse) transform there.
 """
 
@@ -112,6 +115,26 @@ def estimate_flow(target: np.ndarray, moving: np.ndarray, method: str = "dis") -
     return np.stack([flow[..., 1], flow[..., 0]]).astype(np.float32)
 
 
+def resample_composed(
+    image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, residual: np.ndarray
+) -> np.ndarray:
+    """Resample ``image`` once through the map p -> m(p + residual(p)).
+
+    ``map_x`` and ``map_y`` are (h, w) float32 image (x, y) coordinates of each tile pixel
+    (the current map m), ``residual`` the tile's (2, h, w) (dy, dx) flow in tile pixels. The
+    map is composed first and the image interpolated once, like the final warp does: resampling
+    the already warped tile a second time would blur fine texture and lower the correlation of a
+    correct flow below that of the unrefined tile (the gain check would then reject it).
+    Pixels mapped outside ``image`` are 0.
+    """
+    h, w = map_x.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    px, py = xx + residual[1], yy + residual[0]
+    cx = cv2.remap(map_x, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    cy = cv2.remap(map_y, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(image, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def _smooth(field: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return field
@@ -161,8 +184,10 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
         s_int, mx - ox, my - oy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
     residual = estimate_flow(t_int, warped, cfg.method)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    after = cv2.remap(warped, xx + residual[1], yy + residual[0], cv2.INTER_LINEAR)
+    # the stitch regularises every tile field with smooth_sigma: judge the flow by what of it
+    # is kept (detail it removes, e.g. texture matched between unrelated tissue, is no evidence)
+    kept = _smooth(residual, cfg.smooth_sigma)
+    after = resample_composed(s_int, mx - ox, my - oy, kept)
     before_score, after_score = ncc(t_int, warped, mask), ncc(t_int, after, mask)
     status = "ok"
     limit = cfg.max_displacement_frac * max(h, w)
@@ -170,9 +195,7 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
         status = "no gain"
     elif float(np.abs(residual[:, mask]).max()) > limit:
         status = "too large"
-    elif (
-        float((jacobian_determinant(_smooth(residual, cfg.smooth_sigma))[mask] <= 0).mean()) > 0.01
-    ):
+    elif float((jacobian_determinant(kept)[mask] <= 0).mean()) > 0.01:
         status = "folding"
     confidence = float(np.clip(after_score, 0.0, 1.0))
     if status != "ok" or confidence < cfg.min_confidence:
