@@ -36,19 +36,21 @@ def test_gigapixel_benchmark_runs_and_records_time_memory_and_accuracy(tmp_path:
     out = tmp_path / "gigapixel.json"
     proc = _run_module(
         "benchmarks_anhir.gigapixel",
-        *("--sizes", "2048", "--workers", "1", "--data", str(tmp_path), "--out", str(out)),
+        *("--sizes", "3000", "--workers", "1", "--data", str(tmp_path), "--out", str(out)),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["machine"]["cores"] >= 1
     (r,) = doc["results"]
-    assert (r["size"], r["workers"], r["scheduler"]) == (2048, 1, "threads")
+    assert (r["size"], r["workers"], r["scheduler"]) == (3000, 1, "threads")
     assert set(r["seconds_per_stage"]) == set(PAIR_STAGES)
     assert r["seconds_total"] >= sum(r["seconds_per_stage"].values()) * 0.9
     assert 0.05 < r["peak_rss_gb"] < 24.0
     assert r["landmarks"] == 200
-    # the ground truth is recovered (the README's 0.6 px median is at 40000 px)
-    assert r["tre_px_median"] < 0.5
+    # the ground truth is recovered, at full resolution here (p90 was 2.90 px when the tile
+    # gain check rejected correct flows on fine texture; 0.14 px since)
+    assert r["tre_px_median"] < 0.2
+    assert r["tre_px_p90"] < 0.5
     assert r["tre_px_median"] <= r["tre_px_p90"] <= r["tre_px_max"]
     # the printed table carries the same row
     assert f"{r['seconds_total']:>8}" in proc.stdout
