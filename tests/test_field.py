@@ -198,18 +198,15 @@ def test_tiles_without_tissue_keep_the_coarse_transform_away_from_tissue() -> No
 
     nr = Config().nonrigid
     shape = (2048, 3072)
-    boxes = tile_boxes(shape, nr.tile, nr.overlap)
+    f = np.empty((2, *shape), np.float32)
+    f[0], f[1] = -3.0, 6.0
+    boxes, fields, weights = _tiles(f, nr.tile, nr.overlap)
     # tiles ending at x <= 1024 have tissue and a residual of (-3, 6) px; the last ends at 896
     tissue_right = max(b[3] for b in boxes if b[3] <= 1024)
-    fields: list[np.ndarray | None] = []
-    weights: list[np.ndarray | None] = []
-    for b in boxes:
-        y0, x0, y1, x1 = b
-        on_tissue = x1 <= 1024
-        f = np.empty((2, y1 - y0, x1 - x0), np.float32)
-        f[0], f[1] = -3.0, 6.0
-        fields.append(f if on_tissue else None)
-        weights.append(blend_window(b, shape, nr.overlap) * 0.6 if on_tissue else None)
+    for k, b in enumerate(boxes):
+        on_tissue = b[3] <= 1024
+        fields[k] = fields[k] if on_tissue else None
+        weights[k] = weights[k] * 0.6 if on_tissue else None
     out, _ = stitch(fields, weights, boxes, shape, nr.smooth_sigma, fill_sigma=nr.tile / 4)
     magnitude = np.hypot(out[0], out[1])
     # full residual up to the last tissue tile's blend ramp (the weight prior costs 0.01 px)

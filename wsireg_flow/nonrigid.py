@@ -129,9 +129,7 @@ def resample_composed(
     """
     h, w = map_x.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    px, py = xx + residual[1], yy + residual[0]
-    cx = cv2.remap(map_x, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    cy = cv2.remap(map_y, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    cy, cx = sample(np.stack([map_y, map_x]), yy + residual[0], xx + residual[1])
     return cv2.remap(image, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
@@ -180,14 +178,15 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
     target = _read(job.target_path, job.target_level, y0, x0, y1, x1)
     t_int = normalized_intensity(target, job.target_stats)
     s_int = normalized_intensity(crop, job.source_stats)
+    cx, cy = mx - ox, my - oy  # the map in crop coordinates
     warped = cv2.remap(
-        s_int, mx - ox, my - oy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        s_int, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
     residual = estimate_flow(t_int, warped, cfg.method)
     # the stitch regularises every tile field with smooth_sigma: judge the flow by what of it
     # is kept (detail it removes, e.g. texture matched between unrelated tissue, is no evidence)
     kept = _smooth(residual, cfg.smooth_sigma)
-    after = resample_composed(s_int, mx - ox, my - oy, kept)
+    after = resample_composed(s_int, cx, cy, kept)
     before_score, after_score = ncc(t_int, warped, mask), ncc(t_int, after, mask)
     status = "ok"
     limit = cfg.max_displacement_frac * max(h, w)
