@@ -39,7 +39,7 @@ from wsireg_flow.config import Config, DaskConfig  # noqa: E402
 from wsireg_flow.landmarks import read_landmarks  # noqa: E402
 from wsireg_flow.parallel import dask_scheduler  # noqa: E402
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair  # noqa: E402
-from wsireg_flow.synthetic import synthesize_pair  # noqa: E402
+from wsireg_flow.synthetic import GENERATOR_VERSION, synthesize_pair  # noqa: E402
 
 
 class PeakRSS:
@@ -77,7 +77,8 @@ class PeakRSS:
 
 def ensure_pair(data: Path, size: int, seed: int) -> Path:
     d = data / f"synth-{size}"
-    if not (d / "synth.json").is_file():
+    info = d / "synth.json"
+    if not info.is_file() or json.loads(info.read_text()).get("generator") != GENERATOR_VERSION:
         t0 = time.perf_counter()
         synthesize_pair(d, (size, size), seed=seed, overwrite=True)
         print(f"synthesised {size}x{size} in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -358,12 +358,15 @@ def test_polygons_around_source_landmarks_land_on_target_landmarks(
     assert abs(np.median(err_centroid) - np.median(err_landmark)) < 0.1
     # and the registration did something: errors are far below the initial ones
     assert np.median(err_landmark) < 0.5 * np.median(np.linalg.norm(source - target, axis=1))
-    # each warped square is still a small closed quadrilateral (about 2 x 2 px)
-    for f in warped:
-        ring = f["geometry"]["coordinates"][0]
-        assert len(ring) == 5 and ring[0] == ring[-1]
-        side = np.linalg.norm(np.diff(np.asarray(ring, float), axis=0), axis=1)
-        assert ((side > 1.0) & (side < 4.0)).all(), side
+    # each warped square is a closed quadrilateral whose corners are the source corners mapped
+    # by the transform (its size follows the field's local stretch, which on these lung pairs
+    # reaches several times at a few landmarks: a 2 x 2 px square is checked, not assumed)
+    transform = Transform.load(run / "transform")
+    for f, (x, y) in zip(warped, source.tolist(), strict=True):
+        ring = np.asarray(f["geometry"]["coordinates"][0], float)
+        assert len(ring) == 5 and (ring[0] == ring[-1]).all()
+        corners = np.array([[x - 1, y - 1], [x + 1, y - 1], [x + 1, y + 1], [x - 1, y + 1]])
+        np.testing.assert_allclose(ring[:4], transform.source_to_target(corners), atol=0.01)
 
 
 def test_round_trip_through_a_registered_transform(run: Path) -> None:

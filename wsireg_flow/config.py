@@ -143,6 +143,14 @@ class NonrigidConfig(_Section):
     min_confidence: float = Field(
         0.2, ge=0, le=1, description="Tiles below this keep the coarse map."
     )
+    min_stain: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="In the stitching weight, tissue-mask pixels whose normalised intensity "
+        "(0 = the tissue's 1st OD percentile, 1 = its 99th) is below this count as empty "
+        "(glass, lumen, alveolar space) and keep only the off-tissue weight.",
+    )
     max_displacement_frac: float = Field(
         0.25,
         gt=0,

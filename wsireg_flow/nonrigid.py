@@ -146,15 +146,27 @@ def _read(path: str, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarr
         return s.read_region(level, y0, x0, y1, x1)
 
 
+def stained(intensity: np.ndarray, mask: np.ndarray, min_stain: float) -> np.ndarray:
+    """(h, w) bool: pixels of the tissue ``mask`` that hold stain.
+
+    ``intensity`` is the tile's normalised intensity (see
+    :func:`wsireg_flow.tissue.normalized_intensity`), lightly blurred (sigma 1 px) here. The
+    mask is filled and closed, so it also covers empty space inside tissue (lumens, alveolar
+    spaces, faint flat areas): pixels below ``min_stain`` there carry no texture to match, and
+    their flow is only what the optical flow filled in from around them.
+    """
+    return mask & (cv2.GaussianBlur(intensity, (0, 0), 1.0) > min_stain)
+
+
 def tile_weight(
-    box: Box, grid_shape: tuple[int, int], overlap: int, mask: np.ndarray, confidence: float
+    box: Box, grid_shape: tuple[int, int], overlap: int, tissue: np.ndarray, confidence: float
 ) -> np.ndarray:
     """(h, w) stitching weight of a tile: blend window x softened tissue x confidence.
 
-    ``mask`` is the tile's (h, w) bool target tissue; off tissue the weight keeps 5 % so that
-    fields stay defined between tissue pieces.
+    ``tissue`` is the tile's (h, w) bool stained target tissue (see :func:`stained`); off
+    tissue the weight keeps 5 % so that fields stay defined between tissue pieces.
     """
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 4.0)
+    soft = cv2.GaussianBlur(tissue.astype(np.float32), (0, 0), 4.0)
     return blend_window(box, grid_shape, overlap) * (0.05 + soft) * np.float32(confidence)
 
 
@@ -202,7 +214,9 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
         return TileResult(
             job.box, None, None, confidence, tissue, before_score, after_score, status
         )
-    weight = tile_weight(job.box, job.grid_shape, cfg.overlap, mask, confidence)
+    weight = tile_weight(
+        job.box, job.grid_shape, cfg.overlap, stained(t_int, mask, cfg.min_stain), confidence
+    )
     return TileResult(
         job.box, residual, weight, confidence, tissue, before_score, after_score, status
     )

@@ -97,17 +97,24 @@ def density_tile(y0: int, x0: int, h: int, w: int, seed: int) -> np.ndarray:
 # -- colour -----------------------------------------------------------------------------------
 _HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], np.float32)  # haematoxylin, eosin
 _IHC = np.array([[0.65, 0.70, 0.29], [0.27, 0.57, 0.78]], np.float32)  # haematoxylin, DAB
+# empty glass is not pure white on a scan (summed OD 0.03-0.1 on the bundled slides)
+_GLASS = np.array([0.02, 0.02, 0.025], np.float32)
+# bumped when the images a seed gives change, so cached pairs are made again
+GENERATOR_VERSION = 2
 
 
 def colorize(density: np.ndarray, stain: str) -> np.ndarray:
-    """(y, x, 1|none) uint8 density -> (y, x, 3) uint8 brightfield RGB (Beer-Lambert)."""
+    """(y, x, 1|none) uint8 density -> (y, x, 3) uint8 brightfield RGB (Beer-Lambert).
+
+    Density 0 is glass: light grey (summed OD about 0.07), like a real scan.
+    """
     d = density[..., 0] if density.ndim == 3 else density
     d = d.astype(np.float32) / 255.0
     if stain == "he":
         od = np.stack([d * 0.9, np.sqrt(d) * 0.5], -1) @ _HE
     else:
         od = np.stack([d * 0.45, np.clip(d - 0.35, 0, None) * 1.6], -1) @ _IHC
-    return np.clip(255.0 * np.power(10.0, -od), 0, 255).astype(np.uint8)
+    return np.clip(255.0 * np.power(10.0, -(od + _GLASS)), 0, 255).astype(np.uint8)
 
 
 class _ColourView:
@@ -261,6 +268,7 @@ def synthesize_pair(
     info = {
         "size": [h, w],
         "seed": seed,
+        "generator": GENERATOR_VERSION,
         "pixel_size_um": pixel_size_um,
         "params": {**params.__dict__, "translation": list(params.translation)},
         "landmarks": len(t_pts),
