@@ -64,6 +64,18 @@ def test_glass_level_is_the_glass_not_the_white_padding() -> None:
     assert glass.spread < 0.01
 
 
+def test_glass_white_balanced_to_near_white() -> None:
+    """Some scanners make glass (nearly) pure white: JPEG noise leaves it at 252-255."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(252, 256, (300, 400, 3)).astype(np.uint8)
+    rgb[:, 200:] = np.clip(rng.normal((225, 222, 232), 2, (300, 200, 3)), 0, 255).astype(np.uint8)
+    od = cv2.GaussianBlur(optical_density(rgb), (0, 0), 1.0)
+    glass = glass_level(rgb, od, below=float(od.max()))
+    assert glass is not None and glass.level < 0.02
+    mask = tissue_mask(rgb)
+    assert mask[:, 210:].mean() > 0.97 and mask[:, :190].mean() < 0.01
+
+
 def test_no_glass_level_when_tissue_fills_the_image() -> None:
     rng = np.random.default_rng(1)
     noise = cv2.GaussianBlur(rng.uniform(0, 1, (300, 300)).astype(np.float32), (0, 0), 3)
