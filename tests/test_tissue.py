@@ -11,13 +11,12 @@ import pytest
 from wsireg_flow.config import Config, DaskConfig
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import read_landmarks
-from wsireg_flow.nonrigid import stained
 from wsireg_flow.parallel import dask_scheduler
 from wsireg_flow.pipeline import PairJob, run_pair
 from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.register import Prepared
 from wsireg_flow.synthetic import synthesize_pair
-from wsireg_flow.tissue import glass_level, optical_density, tissue_mask
+from wsireg_flow.tissue import glass_level, optical_density, stained, tissue_mask
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FLAGSHIP = DATA / "extra-unlabeled" / "flagship_case001"

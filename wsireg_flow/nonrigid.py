@@ -23,7 +23,7 @@ import numpy as np
 from wsireg_flow.config import NonrigidConfig
 from wsireg_flow.field import Box, blend_window, jacobian_determinant, sample
 from wsireg_flow.rigid import ncc
-from wsireg_flow.tissue import IntensityStats, normalized_intensity
+from wsireg_flow.tissue import IntensityStats, normalized_intensity, stained
 
 
 @dataclass
@@ -146,25 +146,15 @@ def _read(path: str, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarr
         return s.read_region(level, y0, x0, y1, x1)
 
 
-def stained(intensity: np.ndarray, mask: np.ndarray, min_stain: float) -> np.ndarray:
-    """(h, w) bool: pixels of the tissue ``mask`` that hold stain.
-
-    ``intensity`` is the tile's normalised intensity (see
-    :func:`wsireg_flow.tissue.normalized_intensity`), lightly blurred (sigma 1 px) here. The
-    mask is filled and closed, so it also covers empty space inside tissue (lumens, alveolar
-    spaces, faint flat areas): pixels below ``min_stain`` there carry no texture to match, and
-    their flow is only what the optical flow filled in from around them.
-    """
-    return mask & (cv2.GaussianBlur(intensity, (0, 0), 1.0) > min_stain)
-
-
 def tile_weight(
     box: Box, grid_shape: tuple[int, int], overlap: int, tissue: np.ndarray, confidence: float
 ) -> np.ndarray:
     """(h, w) stitching weight of a tile: blend window x softened tissue x confidence.
 
-    ``tissue`` is the tile's (h, w) bool stained target tissue (see :func:`stained`); off
-    tissue the weight keeps 5 % so that fields stay defined between tissue pieces.
+    ``tissue`` is the tile's (h, w) bool target tissue: its stained pixels for an accepted tile
+    (see :func:`wsireg_flow.tissue.stained`), the whole mask for a refused tile that holds the
+    coarser transform. Off tissue the weight keeps 5 % so that fields stay defined between
+    tissue pieces.
     """
     soft = cv2.GaussianBlur(tissue.astype(np.float32), (0, 0), 4.0)
     return blend_window(box, grid_shape, overlap) * (0.05 + soft) * np.float32(confidence)

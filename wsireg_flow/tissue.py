@@ -133,3 +133,15 @@ def tissue_mask(
     sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
     keep = np.flatnonzero(sizes >= min_area_fraction * mask.size) + 1
     return np.isin(labels, keep)
+
+
+def stained(intensity: np.ndarray, mask: np.ndarray, min_stain: float) -> np.ndarray:
+    """(h, w) bool: pixels of the tissue ``mask`` that hold stain.
+
+    ``intensity`` is the (h, w) normalised intensity of the same pixels (see
+    :func:`normalized_intensity`), lightly blurred (sigma 1 px) here. The mask is filled and
+    closed, so it also covers empty space inside tissue (lumens, alveolar spaces, faint flat
+    areas): pixels below ``min_stain`` there carry no texture to match, and their optical flow
+    is only what the flow filled in from around them.
+    """
+    return mask & (cv2.GaussianBlur(intensity, (0, 0), 1.0) > min_stain)
