@@ -199,15 +199,16 @@ def test_pair_report_is_self_contained_with_metrics(pair_run: Path) -> None:
     import base64
 
     embedded = {base64.b64decode(s.split(",", 1)[1]) for s in page.images}
-    for name in ("overlay", "checkerboard", "tile-confidence", "deformation-grid", "jacobian"):
+    names = ("overlay", "checkerboard", "tile-confidence", "tissue", "deformation-grid", "jacobian")
+    for name in names:
         png = pair_run / "qc" / f"{name}.png"
         assert png.read_bytes() in embedded, name
     assert all(b[:8] == PNG_MAGIC for b in embedded)
 
 
 def test_pair_report_has_at_least_six_figures(pair_run: Path) -> None:
-    """The page should show six or more figures (five today: overlay, checkerboard, tile
-    confidence, deformation grid, Jacobian)."""
+    """The page should show six or more figures: overlay, landmarks, checkerboard, tile
+    confidence, tissue masks, deformation grid, Jacobian."""
     page = parse((pair_run / "qc" / "report.html").read_text(encoding="utf-8"))
     assert len(page.images) >= 6, page.alts
 

@@ -14,6 +14,7 @@ from wsireg_flow.landmarks import read_landmarks
 from wsireg_flow.parallel import dask_scheduler
 from wsireg_flow.pipeline import PairJob, run_pair
 from wsireg_flow.pyramid import level_for_max_side
+from wsireg_flow.qc import tissue_figure
 from wsireg_flow.register import Prepared
 from wsireg_flow.synthetic import synthesize_pair
 from wsireg_flow.tissue import glass_level, optical_density, stained, tissue_mask
@@ -174,3 +175,16 @@ def test_ihc_target_with_pale_tissue_registers_everywhere(tmp_path: Path) -> Non
     assert np.median(tre) < 0.1
     assert np.percentile(tre, 90) < 0.3
     assert tre.max() < 3.0
+
+
+def test_tissue_figure_outlines_each_mask(tmp_path: Path) -> None:
+    rgb, regions = _slide_like(np.random.default_rng(4))
+    empty = np.zeros((100, 150), bool)  # no outline, and the mask may be coarser than the image
+    panels = [("a", rgb, regions["tissue"]), ("b", rgb, empty)]
+    path = tissue_figure(tmp_path / "tissue.png", panels)
+    png = cv2.imread(str(path))[..., ::-1].astype(int)
+    lime = (png[..., 1] > 200) & (png[..., 0] < 80) & (png[..., 2] < 80)
+    half = png.shape[1] // 2
+    # the outline: the glass/tissue border, 400 image px tall, is about 250 px in the figure
+    assert lime[:, :half].sum() > 150
+    assert lime[:, half:].sum() == 0

@@ -13,7 +13,8 @@ Run directory layout (``DIR``)::
     warped-source-landmarks.csv              source landmarks in the target frame   [evaluate]
     warped-target-landmarks.csv              target landmarks in the source frame   [evaluate]
     metrics.json                             diagnostics (+ rTRE when scored)       [evaluate]
-    qc/*.png                                 overlays, checkerboard, confidence     [qc]
+    qc/*.png                                 overlays, checkerboard, confidence,    [qc]
+                                             tissue masks, deformation, Jacobian
     .stages/<stage>.json                     completion markers with fingerprints
 """
 
@@ -49,6 +50,7 @@ from wsireg_flow.qc import (
     jacobian_figure,
     overlay,
     save_figure,
+    tissue_figure,
 )
 from wsireg_flow.register import (
     LevelReport,
@@ -486,6 +488,7 @@ def stage_qc(job: PairJob) -> list[str]:
     pts = None
     if job.target_landmarks and job.source_landmarks:
         pts = paired(read_landmarks(job.target_landmarks), read_landmarks(job.source_landmarks))
+    pre = Prepared.load(job.run_dir / "preprocess.npz")
     paths = qc_figures(
         job.slide("target"),
         job.slide("source"),
@@ -494,6 +497,7 @@ def stage_qc(job: PairJob) -> list[str]:
         level_reports(job),
         job.run_dir / "qc",
         pts,
+        masks=(pre.target_mask, pre.source_mask),
     )
     metrics = json.loads((job.run_dir / "metrics.json").read_text())
     report = html_report(
@@ -583,9 +587,11 @@ def qc_figures(
     qc_dir: Path,
     landmarks: tuple[np.ndarray, np.ndarray] | None = None,
     size: int = 1024,
+    masks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[Path]:
     """QC PNGs: overlays before/after, landmark arrows before/after (when given), checkerboard,
-    tile confidence per level, deformation grid and Jacobian map."""
+    tile confidence per level, the (target, source) tissue masks (when given, (y, x) bool over
+    each whole slide), deformation grid and Jacobian map."""
     t_img, dt = _preview(target, size)
     w_img, _ = _preview(warped, size)
     w_img = cv2.resize(w_img, (t_img.shape[1], t_img.shape[0]), interpolation=cv2.INTER_AREA)
@@ -625,6 +631,12 @@ def qc_figures(
             for r in reports
         ]
         paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
+    if masks is not None:
+        paths.append(
+            tissue_figure(
+                qc_dir / "tissue.png", [("target", t_img, masks[0]), ("source", s_img, masks[1])]
+            )
+        )
     f = transform.backward
     if f is not None:
         h, w = t_img.shape[:2]

@@ -1,4 +1,5 @@
-"""Quality-control figures (PNG): overlays before/after, checkerboard, confidence, landmarks.
+"""Quality-control figures (PNG): overlays before/after, checkerboard, confidence, landmarks,
+tissue masks.
 
 All images are low-resolution previews (the target level closest to ``size`` px), built from
 (y, x, c) arrays; landmark points are (x, y) level-0 pixels.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -118,6 +120,28 @@ def deformation_grid_figure(
     ax.set_ylim(h, 0)
     ax.axis("off")
     ax.set_title(f"deformation grid (non-rigid part x{gain:g}, grid {step * spacing_px:.0f} px)")
+    return write_figure(fig, path)
+
+
+def tissue_figure(
+    path: str | os.PathLike[str], panels: list[tuple[str, np.ndarray, np.ndarray]]
+) -> Path:
+    """Each image with its tissue mask outlined: ``panels`` are (name, (y, x, 3) uint8 image,
+    (y', x') bool mask over the same extent at any resolution).
+
+    The title gives the share of the image the mask covers, so a mask that misses pale tissue
+    (its tiles are skipped as "no tissue") shows at a glance.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (name, img, mask) in zip(axes.ravel(), panels, strict=True):
+        h, w = img.shape[:2]
+        m = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        ax.imshow(img, interpolation="nearest")
+        if m.any() and not m.all():
+            ax.contour(m, levels=[0.5], colors="lime", linewidths=1.0)
+        ax.set_title(f"{name}: tissue {100 * float(mask.mean()):.0f} % of the image", fontsize=10)
+        ax.axis("off")
+    fig.suptitle("Tissue masks (green outline)")
     return write_figure(fig, path)
 
 
