@@ -344,3 +344,19 @@ def test_bad_scheduler_in_the_environment_or_on_the_command_line_is_one_line(
         "scheduler address such as tcp://host:8786"
     ]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.name for p in DEFAULT_YAML.parent.glob("*.yaml") if p != DEFAULT_YAML)
+)
+def test_every_preset_loads_and_changes_only_what_it_names(preset: str) -> None:
+    path = DEFAULT_YAML.parent / preset
+    cfg = load_config(path)
+    given = yaml.safe_load(path.read_text())
+    default = Config().model_dump()
+    got = cfg.model_dump()
+    for section, values in given.items():
+        for key, value in values.items():
+            assert got[section][key] == value
+    changed = {(s, k) for s in default for k in default[s] if got[s][k] != default[s][k]}
+    assert changed == {(s, k) for s, v in given.items() for k in v}
