@@ -16,12 +16,17 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 
+def _channels(rgb: np.ndarray) -> np.ndarray:
+    """(y, x, c) colour channels without alpha; a (y, x) grey image gets a channel axis."""
+    return rgb[..., :3] if rgb.ndim == 3 else rgb[..., None]
+
+
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """Sum over channels of the optical density -log10((I + 1) / 256), as (y, x) float32.
 
     0 for white; about 2.4 per channel for black. Works for grayscale (c = 1) too.
     """
-    img = rgb[..., :3] if rgb.ndim == 3 else rgb[..., None]
+    img = _channels(rgb)
     od = -np.log10((img.astype(np.float32) + 1.0) / 256.0)
     return od.sum(axis=-1, dtype=np.float32)
 
@@ -82,7 +87,7 @@ def glass_level(rgb: np.ndarray, od: np.ndarray, below: float) -> GlassLevel | N
     od : (y, x) float32 summed optical density of ``rgb`` (see :func:`optical_density`).
     below : only pixels with OD under this value are glass candidates.
     """
-    img = rgb[..., :3] if rgb.ndim == 3 else rgb[..., None]
+    img = _channels(rgb)
     candidates = od[(img.min(axis=-1) < 255) & (od < below)]
     if candidates.size < 0.01 * od.size:
         return None
