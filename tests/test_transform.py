@@ -15,6 +15,7 @@ from wsireg_flow.geometry import (
     decompose,
     flip_x,
     level_to_level0,
+    nearest_similarity,
     rescale_affine,
     rotation_about,
     to_level0_affine,
@@ -258,3 +259,22 @@ def test_decompose_similarity_and_reflection() -> None:
     sheared = np.array([[1.0, 0.3, 0], [0, 1.0, 0], [0, 0, 1]])
     assert decompose(sheared)["shear"] == pytest.approx(0.3, abs=1e-9)
     assert decompose(np.diag([2.0, 1.0, 1.0]))["anisotropy"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("flip", [None, 100.0])
+def test_nearest_similarity_keeps_similarities_and_projects_affines(flip: float | None) -> None:
+    sim = rotation_about(-70.0, (10.0, 20.0), (30.0, 40.0), scale=0.8, flip_width=flip)
+    np.testing.assert_allclose(nearest_similarity(sim, (50.0, 50.0)), sim, atol=1e-12)
+    # add shear and anisotropy: the projection drops both, keeps rotation, scale and mirror
+    distorted = sim @ np.array([[1.1, 0.05, 0.0], [0.02, 0.95, 0.0], [0.0, 0.0, 1.0]])
+    out = nearest_similarity(distorted, (50.0, 50.0))
+    d, d0 = decompose(out), decompose(sim)
+    assert d["anisotropy"] == pytest.approx(1.0, abs=1e-12)
+    assert d["shear"] == pytest.approx(0.0, abs=1e-12)
+    assert d["reflection"] == d0["reflection"]
+    assert d["rotation_deg"] == pytest.approx(d0["rotation_deg"], abs=2.0)
+    assert d["scale"] == pytest.approx(0.8 * 1.025, abs=0.01)
+    # the centre maps where the affine maps it
+    np.testing.assert_allclose(
+        apply_affine(out, [[50.0, 50.0]]), apply_affine(distorted, [[50.0, 50.0]]), atol=1e-9
+    )

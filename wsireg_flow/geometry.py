@@ -71,6 +71,28 @@ def flip_x(width: float) -> np.ndarray:
     return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 
+def nearest_similarity(matrix: np.ndarray, center: tuple[float, float]) -> np.ndarray:
+    """The similarity (rotation, uniform scale, translation, mirror kept) closest to an affine.
+
+    The linear part is the least-squares projection onto rotation-scale matrices (onto
+    mirrored ones when the determinant is negative); the translation keeps the image of the
+    (x, y) point ``center`` (pick the image centre so the change is smallest where it matters).
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    (p, q), (r, s) = m[0, :2], m[1, :2]
+    if p * s - q * r >= 0:
+        a, b = (p + s) / 2, (r - q) / 2
+        lin = np.array([[a, -b], [b, a]])
+    else:
+        a, b = (p - s) / 2, (q + r) / 2
+        lin = np.array([[a, b], [b, -a]])
+    c = np.asarray(center, dtype=np.float64)
+    out = np.eye(3)
+    out[:2, :2] = lin
+    out[:2, 2] = m[:2, :2] @ c + m[:2, 2] - lin @ c
+    return out
+
+
 def decompose(matrix: np.ndarray) -> dict[str, float]:
     """Scale, rotation (deg), shear and reflection of an affine's linear part.
 

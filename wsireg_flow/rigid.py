@@ -25,7 +25,7 @@ from skimage.registration import phase_cross_correlation
 
 from wsireg_flow.config import RigidConfig
 from wsireg_flow.errors import RegistrationError
-from wsireg_flow.geometry import as3x3, decompose, flip_x, rotation_about
+from wsireg_flow.geometry import as3x3, decompose, flip_x, nearest_similarity, rotation_about
 
 
 @dataclass
@@ -137,10 +137,11 @@ def _fit(pt: np.ndarray, ps: np.ndarray, cfg: RigidConfig, diag: float):
     if len(pt) < 4:
         return None, 0
     thr = cfg.ransac_px * diag
-    fit = cv2.estimateAffine2D if cfg.model == "affine" else cv2.estimateAffinePartial2D
-    m, inl = fit(
-        pt, ps, method=cv2.USAC_MAGSAC, ransacReprojThreshold=thr, maxIters=5000, confidence=0.999
-    )
+    if cfg.model == "affine":
+        fit, method = cv2.estimateAffine2D, cv2.USAC_MAGSAC
+    else:  # OpenCV's similarity estimator has only plain RANSAC and LMedS
+        fit, method = cv2.estimateAffinePartial2D, cv2.RANSAC
+    m, inl = fit(pt, ps, method=method, ransacReprojThreshold=thr, maxIters=5000, confidence=0.999)
     if m is None:
         return None, 0
     return as3x3(m), int(inl.sum())
@@ -283,8 +284,10 @@ def ecc_refine(
 
     Images are blurred (sigma 1 px at each size). A step is kept only when it converges, stays
     plausible and raises the NCC at that size; the input matrix comes back when none does.
+    With ``cfg.model == "similarity"`` each ECC affine is projected to the nearest similarity
+    (OpenCV's Euclidean ECC motion has no scale).
     """
-    motion = cv2.MOTION_AFFINE if cfg.model == "affine" else cv2.MOTION_EUCLIDEAN
+    center = ((target.shape[1] - 1) / 2, (target.shape[0] - 1) / 2)
     for size in sizes:
         f = min(1.0, size / max(target.shape))
         t, s = _small(target, f, 1.0), _small(source, f, 1.0)
@@ -296,7 +299,7 @@ def ecc_refine(
                 t,
                 s,
                 warp,
-                motion,
+                cv2.MOTION_AFFINE,
                 (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5),
                 None,
                 1,
@@ -304,8 +307,10 @@ def ecc_refine(
         except cv2.error:
             continue
         cand = np.linalg.inv(sd) @ as3x3(warp) @ sd
+        if cfg.model == "similarity":
+            cand = nearest_similarity(cand, center)
         before = ncc(t, warp_affine(s, m_small, t.shape))
-        after = ncc(t, warp_affine(s, as3x3(warp), t.shape))
+        after = ncc(t, warp_affine(s, sd @ cand @ np.linalg.inv(sd), t.shape))
         if after > before and plausibility(cand, cfg) is None:
             matrix = cand
     return matrix
