@@ -7,7 +7,7 @@ included), megapixels per second (target level-0 pixels / total time) and TRE ag
 ground truth in level-0 pixels. Prints a table and writes JSON.
 
     python -m benchmarks_anhir.gigapixel --sizes 10000 20000 40000 --workers 1 2 \\
-        --out runs/bench/gigapixel.json
+        --out runs/bench/gigapixel.json [--config F]
 
 Synthetic pairs are cached under ``--data`` (default ``runs/bench``). ``--scheduler threads``
 (default) runs the tile tasks on Dask's threaded scheduler with ``num_workers`` threads;
@@ -35,7 +35,7 @@ import dask  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from wsireg_flow.config import Config, DaskConfig  # noqa: E402
+from wsireg_flow.config import Config, DaskConfig, load_config  # noqa: E402
 from wsireg_flow.landmarks import read_landmarks  # noqa: E402
 from wsireg_flow.parallel import dask_scheduler  # noqa: E402
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair  # noqa: E402
@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("runs/bench"))
     ap.add_argument("--out", type=Path, default=Path("runs/bench/gigapixel.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
     args = ap.parse_args(argv)
-    cfg = Config()
+    cfg = load_config(args.config)
     results = []
     print(
         f"{'size':>7} {'workers':>7} {'total s':>8} {'peak GB':>8} {'MP/s':>7} {'TRE med':>8} "

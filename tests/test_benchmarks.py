@@ -34,13 +34,17 @@ def _run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_gigapixel_benchmark_runs_and_records_time_memory_and_accuracy(tmp_path: Path) -> None:
     out = tmp_path / "gigapixel.json"
+    config = tmp_path / "zstd.yaml"
+    config.write_text("io:\n  codec: zstd\n")
     proc = _run_module(
         "benchmarks_anhir.gigapixel",
         *("--sizes", "3000", "--workers", "1", "--data", str(tmp_path), "--out", str(out)),
+        *("--config", str(config)),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["machine"]["cores"] >= 1
+    assert doc["config"]["io"]["codec"] == "zstd"  # the run used the given config
     (r,) = doc["results"]
     assert (r["size"], r["workers"], r["scheduler"]) == (3000, 1, "threads")
     assert set(r["seconds_per_stage"]) == set(PAIR_STAGES)
