@@ -6,7 +6,7 @@ working level; matrices are 3x3 target->source affines on (x, y) pixel coordinat
 Strategy
 --------
 1. SIFT (or ORB) features on both images, Lowe's ratio test, USAC-MAGSAC affine fit (RANSAC
-   for the similarity model, the only robust method OpenCV's similarity estimator has); the
+   for the similarity model: OpenCV's similarity estimator has no USAC methods); the
    same against the x-mirrored source when ``try_flip`` (kept only if clearly better).
 2. If that fails or is implausible: exhaustive rotation search (every ``rotation_step_deg``,
    mirrored too), translation by phase correlation, scored by normalised cross-correlation.
