@@ -346,6 +346,48 @@ def test_bad_scheduler_in_the_environment_or_on_the_command_line_is_one_line(
     assert not (tmp_path / "run").exists()
 
 
+ANHIR = ROOT / "data" / "anhir-sample"
+CMU = ROOT / "data" / "wsi" / "CMU-1-Small-Region.svs"
+BAD_OPTIONS = {
+    "info-pixel-size": (
+        ["info", str(CMU), "--pixel-size", "-1"],
+        "--pixel-size: input should be greater than 0, got -1",
+    ),
+    "register-pixel-size": (
+        ["register", str(CMU), str(CMU), "--out", "{out}", "--pixel-size", "0"],
+        "--pixel-size: input should be greater than 0, got 0",
+    ),
+    "anhir-limit": (
+        [
+            "anhir",
+            "--dataset",
+            str(ANHIR),
+            "--pairs",
+            str(ANHIR / "dataset.csv"),
+            "--out",
+            "{out}",
+            "--limit",
+            "-1",
+        ],
+        "--limit: must be at least 1, got -1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_option_value_is_one_line_naming_the_option(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative --limit once scored all pairs but the last (a Python slice) and a pixel size
+    <= 0 gave a pydantic ValidationError without the option's name (exit 1)."""
+    argv, message = BAD_OPTIONS[case]
+    out = tmp_path / "out"
+    assert main([a.replace("{out}", str(out)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"wsireg-flow: error: {message}"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "preset", sorted(p.name for p in DEFAULT_YAML.parent.glob("*.yaml") if p != DEFAULT_YAML)
 )

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from wsireg_flow import __version__
 from wsireg_flow.config import (
     SCHEDULER_HELP,
@@ -41,8 +43,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
         default=None,
-        help="'local' (default: a Dask LocalCluster sized to this machine), 'threads' or a Dask "
-        "scheduler address (tcp://host:8786).",
+        help="'local' (default: a Dask LocalCluster sized to this machine), 'threads', 'sync' "
+        "(one thread, for debugging) or a Dask scheduler address (tcp://host:8786).",
     )
     p.add_argument("--pixel-size", type=float, default=None, help="Micrometres per pixel.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
@@ -51,7 +53,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     if getattr(args, "pixel_size", None) is not None:
-        cfg.io.pixel_size_um = args.pixel_size
+        try:
+            cfg.io.pixel_size_um = args.pixel_size
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].lower()
+            raise ConfigError(f"{msg}, got {args.pixel_size:g}", "--pixel-size") from None
     if getattr(args, "scheduler", None):
         if not is_scheduler(args.scheduler):
             raise ConfigError(SCHEDULER_HELP.format(value=args.scheduler), "--scheduler")
@@ -202,6 +208,8 @@ def cmd_anhir(args: argparse.Namespace) -> int:
     from flows.anhir import anhir_benchmark
 
     cfg = _config(args)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"must be at least 1, got {args.limit}", "--limit")
     summary = anhir_benchmark(
         args.dataset,
         args.pairs,
@@ -362,13 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=Path, required=True, help="Dataset root (paths are relative).")
     p.add_argument("--pairs", type=Path, required=True, help="Pair table (ANHIR columns).")
     p.add_argument("--out", type=Path, required=True, help="Submission / report folder.")
-    p.add_argument("--status", choices=["training", "evaluation"], default=None)
+    p.add_argument(
+        "--status",
+        choices=["training", "evaluation"],
+        default=None,
+        help="Only the pairs with this status in the table (default: all).",
+    )
     p.add_argument("--limit", type=int, default=None, help="At most this many pairs.")
     p.add_argument(
         "--scheduler",
         default=None,
-        help="'local' (default), 'threads' or a Dask scheduler address: pairs run in parallel "
-        "on a cluster.",
+        help="'local' (default), 'threads', 'sync' or a Dask scheduler address: pairs run in "
+        "parallel on a cluster.",
     )
     p.add_argument("--strict", action="store_true", help="Exit non-zero when a pair fails.")
     _add_common(p)
