@@ -182,8 +182,9 @@ def score_submission(
     """Score every pair of ``submission/registration-results.csv`` that has target landmarks.
 
     A pair without a warped-source file (failed) counts as unregistered: initial error, R = 0.
-    A pair whose reference landmarks cannot be read cannot be scored at all: it is left out
-    and its reason recorded in ``unscorable`` (index -> reason) when a dict is given.
+    A pair whose reference landmarks cannot be read, or whose diagonal is neither in the table
+    nor readable from its target image, cannot be scored at all: it is left out and its reason
+    recorded in ``unscorable`` (index -> reason) when a dict is given.
     """
     rows = []
     for p in read_pair_table(submission / "registration-results.csv"):
@@ -192,6 +193,7 @@ def score_submission(
         try:
             target = read_landmarks(resolve_path(root, p.target_landmarks))
             source = read_landmarks(resolve_path(root, p.source_landmarks))
+            diag = p.image_diagonal or _diagonal_from_image(root, p)
         except InputError as exc:
             if unscorable is None:
                 raise
@@ -200,7 +202,6 @@ def score_submission(
         warped = None
         if p.warped_source_landmarks:
             warped = read_landmarks(resolve_path(submission, p.warped_source_landmarks))
-        diag = p.image_diagonal or _diagonal_from_image(root, p)
         t, s = paired(target, source)
         sc = score_pair(t, s, warped, diag)
         rows.append(

@@ -435,6 +435,26 @@ def test_rerun_skips_pairs_already_done(broken: dict[str, Any]) -> None:
             assert (broken["out"] / name).read_text() == text
 
 
+def test_pair_without_diagonal_or_target_image_is_unscorable_not_fatal(tmp_path: Path) -> None:
+    """Without the diagonal column the diagonal comes from the target image; when that image is
+    missing the pair is recorded as unscorable and the others are scored (this once aborted the
+    whole report, exit 2)."""
+    from benchmarks_anhir.run import score_submission
+
+    header, rows = _read_table(TABLE)
+    header = [h for h in header if h != "Image diagonal [pixels]"]
+    rows = [{k: v for k, v in r.items() if k in header} for r in rows[:3]]
+    rows[1]["Target image"] = "p/missing.jpg"
+    _write_table(tmp_path / "registration-results.csv", header, rows)
+    unscorable: dict[str, str] = {}
+    scored = score_submission(tmp_path, DATA, unscorable)
+    assert [r["index"] for r in scored] == ["0", "2"]
+    assert list(unscorable) == ["1"]
+    assert unscorable["1"].endswith("p/missing.jpg: file not found")
+    # the diagonal read from the image equals the table's (1405.1 for rat-kidney_)
+    assert scored[0]["diagonal"] == pytest.approx(1405.1)
+
+
 # -- evaluation pairs ---------------------------------------------------------------------------
 def test_evaluation_pair_is_registered_but_not_scored(
     broken: dict[str, Any], tmp_path: Path
