@@ -398,3 +398,37 @@ def test_nan_written_values_are_not_confused_with_numbers(tmp_path: Path) -> Non
     path = tmp_path / "n.csv"
     write_landmarks(path, [[math.nan, math.nan]])
     assert np.isnan(read_landmarks(path)).all()
+
+
+def test_landmark_files_of_different_lengths_are_paired_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows are paired over the shorter file (ANHIR: rat-kidney has 71 vs 69); metrics.json
+    records both counts, and the log says so (a swapped file once went unnoticed)."""
+    import logging
+
+    from wsireg_flow.pipeline import landmark_outputs
+    from wsireg_flow.transform import Transform
+
+    shift = np.array([5.0, -3.0])  # target -> source translation, (x, y) px
+    affine = np.eye(3)
+    affine[:2, 2] = shift
+    rng = np.random.default_rng(0)
+    target = rng.uniform(10, 90, size=(6, 2))
+    source = np.vstack([target[:4] + shift, rng.uniform(10, 90, size=(3, 2))])  # 7 rows
+    write_landmarks(tmp_path / "t.csv", target)
+    write_landmarks(tmp_path / "s.csv", source)
+    transform = Transform(affine, None, None, (100, 100), (100, 100))
+    with caplog.at_level(logging.WARNING, logger="wsireg_flow.pipeline"):
+        stats = landmark_outputs(transform, tmp_path, tmp_path / "t.csv", tmp_path / "s.csv")
+    assert stats is not None
+    assert (stats["n_target_landmarks"], stats["n_source_landmarks"]) == (6, 7)
+    assert stats["n_landmarks"] == 6
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 't.csv'} has 6 landmarks, {tmp_path / 's.csv'} has 7: rows 1-6 of each "
+        "are paired (ANHIR convention)"
+    ]
+    # every source row is warped, the paired ones land exactly on their targets
+    warped = read_landmarks(tmp_path / "warped-source-landmarks.csv")
+    assert warped.shape == (7, 2)
+    np.testing.assert_allclose(warped[:4], target[:4], atol=1e-9)

@@ -21,6 +21,7 @@ Run directory layout (``DIR``)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -65,6 +66,8 @@ from wsireg_flow.register import (
 from wsireg_flow.stages import file_fingerprint, fingerprint, is_complete, run_stage
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
+
+LOG = logging.getLogger(__name__)
 
 PAIR_STAGES = (
     "ingest_target",
@@ -547,6 +550,9 @@ def landmark_outputs(
 ) -> dict[str, Any] | None:
     """Write warped landmark CSVs; return rTRE statistics when both files are given.
 
+    Files of different lengths are paired row by row over the shorter one (ANHIR convention),
+    with a logged warning; the statistics record both counts.
+
     ``diagonal`` defaults to the target image's level-0 diagonal (ANHIR rTRE normaliser).
     """
     tl = read_landmarks(target_landmarks) if target_landmarks else None
@@ -559,11 +565,22 @@ def landmark_outputs(
         return None
     if diagonal is None:
         diagonal = image_diagonal(*transform.target_shape)
+    if len(tl) != len(sl):
+        LOG.warning(
+            "%s has %d landmarks, %s has %d: rows 1-%d of each are paired (ANHIR convention)",
+            target_landmarks,
+            len(tl),
+            source_landmarks,
+            len(sl),
+            min(len(tl), len(sl)),
+        )
     t, s = paired(tl, sl)
     score = score_pair(t, s, transform.source_to_target(s), diagonal)
     target_space = np.linalg.norm(transform.target_to_source(t) - s, axis=1) / diagonal
     return {
         "diagonal": diagonal,
+        "n_target_landmarks": len(tl),
+        "n_source_landmarks": len(sl),
         **score.to_dict(),
         "target_to_source_median_rtre": float(np.median(target_space)),
     }
