@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.settings import get_current_settings
 
 from flows.pair import register_pair
 from flows.stack import register_stack
 from wsireg_flow.config import load_config
+from wsireg_flow.errors import ConfigError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve
 from wsireg_flow.pipeline import PairJob
 from wsireg_flow.stack import StackJob, collect_sections
@@ -114,6 +116,24 @@ def process_inbox(
     return summary
 
 
+def require_server() -> None:
+    """Refuse to serve without PREFECT_API_URL: Prefect cannot schedule runs on the temporary
+    server it starts without one, so ``serve`` would wait forever, running nothing.
+
+    Raises
+    ------
+    ConfigError
+        When PREFECT_API_URL is not set.
+    """
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "not set: serving on a schedule needs a Prefect server (prefect server start "
+            "--host 127.0.0.1, then PREFECT_API_URL=http://127.0.0.1:4200/api), or run "
+            "`wsireg-flow serve --once` from cron",
+            "PREFECT_API_URL",
+        )
+
+
 def serve(
     inbox: str,
     cron: str,
@@ -123,8 +143,9 @@ def serve(
 ) -> None:
     """Serve the inbox flow as a deployment on a cron schedule (blocks until interrupted).
 
-    Uses the Prefect server named by PREFECT_API_URL, or a temporary local one.
+    Needs the Prefect server named by PREFECT_API_URL (see :func:`require_server`).
     """
+    require_server()
     process_inbox.serve(
         name="wsireg-inbox",
         cron=cron,

@@ -340,3 +340,25 @@ def test_process_inbox_files_good_and_bad_manifests(tmp_path: Path) -> None:
             assert word in reason, reason
         assert reason.startswith("InputError: "), reason
         assert not (runs / name).exists()
+
+
+def test_serve_without_a_prefect_server_is_refused_with_one_line(tmp_path: Path) -> None:
+    """Prefect cannot schedule runs on the temporary server it starts without PREFECT_API_URL:
+    ``serve`` used to wait there forever, running nothing."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "inbox").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile naming a server either
+    cmd = [sys.executable, "-m", "wsireg_flow.cli", "serve", "--inbox", str(tmp_path / "inbox")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "wsireg-flow: error: PREFECT_API_URL: not set: serving on a schedule needs a Prefect "
+        "server (prefect server start --host 127.0.0.1, then "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api), or run `wsireg-flow serve --once` from cron"
+    ]
+    assert res.stdout == ""
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == []

@@ -183,7 +183,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`wsireg-flow serve`: serve the pair flow as a Prefect deployment (inbox, cron)."""
-    from flows.inbox import process_inbox, serve
+    from flows.inbox import process_inbox, require_server, serve
 
     if not args.inbox.is_dir():
         raise WsiregError("inbox folder not found", args.inbox)
@@ -198,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.once:
         print(json.dumps(process_inbox(**params)))
         return 0
+    require_server()
     print(f"serving inbox {args.inbox} on schedule '{args.cron}' (Ctrl-C to stop)", file=sys.stderr)
     serve(cron=args.cron, **params)
     return 0
