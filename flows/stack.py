@@ -11,14 +11,13 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import STAGE_TASK_OPTIONS, flow_progress
 from flows.pair import pair_stage
 from wsireg_flow.parallel import dask_scheduler
-from wsireg_flow.pipeline import check_inputs, prepare_run_dir, write_json
+from wsireg_flow.pipeline import check_inputs, prepare_run_dir
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.stack import (
     PAIR_STAGES_FOR_STACK,
     StackJob,
     prepare_stack_dir,
-    stack_metrics,
-    stack_qc,
+    stack_report,
     warp_section,
 )
 
@@ -28,12 +27,9 @@ def section_task(job: StackJob, k: int, progress: ProgressFn) -> bool:
     return warp_section(job, k, progress)
 
 
-@task(name="stack-qc", cache_policy=NO_CACHE, persist_result=False)
-def stack_report_task(job: StackJob) -> dict[str, Any]:
-    metrics = stack_metrics(job)
-    write_json(job.run_dir / "metrics.json", metrics)
-    stack_qc(job, metrics)
-    return metrics
+@task(name="stack-report", cache_policy=NO_CACHE, persist_result=False)
+def stack_report_task(job: StackJob) -> tuple[bool, dict[str, Any]]:
+    return stack_report(job)
 
 
 @flow(name="register-stack", validate_parameters=False, persist_result=False)
@@ -58,7 +54,7 @@ def register_stack(
                     ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)
             for k in range(len(job.sections)):
                 ran[f"section-{job.name(k)}"] = section_task(job, k, progress)
-        metrics = stack_report_task(job)
+        ran["report"], metrics = stack_report_task(job)
     except BaseException:
         if created and not any(job.run_dir.rglob(".stages/*.json")):
             shutil.rmtree(job.run_dir, ignore_errors=True)

@@ -244,12 +244,39 @@ def test_stack_sections_are_ordered_by_name_with_the_middle_reference(
 
 def test_stack_first_run_runs_everything_second_nothing(stack_runs: dict[str, Any]) -> None:
     first, second = stack_runs["first"]["ran"], stack_runs["second"]["ran"]
-    # three neighbour pairs (0->1, 1->2, 3->2), then one warp per section (4)
-    assert len(first) == 3 * len(PAIR_STAGES_FOR_STACK) + 4
+    # three neighbour pairs (0->1, 1->2, 3->2), one warp per section (4), the report
+    assert len(first) == 3 * len(PAIR_STAGES_FOR_STACK) + 4 + 1
     assert all(first.values())
     assert set(second) == set(first)
     assert sum(second.values()) == 0
     assert stack_runs["second"]["metrics"] == stack_runs["first"]["metrics"]
+
+
+def test_cli_rerun_of_a_finished_stack_does_nothing_before_prefect(
+    stack_runs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished stack is recognised before any orchestration (it took 10 s to start Prefect
+    for nothing): the CLI never calls the flow, and nothing is rewritten."""
+    import flows.stack
+    from wsireg_flow.cli import main
+
+    job: StackJob = stack_runs["job"]
+    metrics = job.run_dir / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the stack flow was started")
+
+    monkeypatch.setattr(flows.stack, "register_stack", refuse)
+    argv = ["stack", *map(str, job.sections), "--out", str(job.run_dir), "--reference", "2"]
+    argv += ["--landmarks", *map(str, job.landmarks or []), "--quiet"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    summary = json.loads(stdout.getvalue())
+    assert summary["stages_run"] == 0
+    assert summary["sections"] == stack_runs["first"]["metrics"]["sections"]
+    assert metrics.stat().st_mtime_ns == before
 
 
 def test_stack_landmarks_move_toward_the_reference(stack_runs: dict[str, Any]) -> None:

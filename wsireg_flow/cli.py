@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -157,8 +158,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_stack(args: argparse.Namespace) -> int:
     """`wsireg-flow stack`: register serial sections to a reference section."""
-    from flows.stack import register_stack
-    from wsireg_flow.stack import StackJob, collect_sections
+    from wsireg_flow.stack import StackJob, collect_sections, stack_is_complete
 
     cfg = _config(args)
     sections = collect_sections(args.slides)
@@ -170,7 +170,15 @@ def cmd_stack(args: argparse.Namespace) -> int:
         sections = [sections[k] for k in order]
         landmarks = None if landmarks is None else [landmarks[k] for k in order]
     job = StackJob(sections, args.out, cfg, args.reference, landmarks)
-    result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
+    job.validate()
+    if not args.overwrite and stack_is_complete(job):
+        # a finished stack with unchanged inputs and settings: nothing to orchestrate
+        metrics = json.loads((args.out / "metrics.json").read_text())
+        result: dict[str, Any] = {"ran": {}, "metrics": metrics}
+    else:
+        from flows.stack import register_stack
+
+        result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
     summary = {
         "out": str(args.out),
         "reference": job.name(job.ref),

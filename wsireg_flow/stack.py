@@ -31,11 +31,11 @@ from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, WsiregError
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
-from wsireg_flow.pipeline import PairJob, registration_quality, write_json
+from wsireg_flow.pipeline import PairJob, job_is_complete, registration_quality, write_json
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.qc import html_report, overlay, save_figure
-from wsireg_flow.stages import fingerprint, run_stage
+from wsireg_flow.stages import fingerprint, is_complete, run_stage
 from wsireg_flow.transform import Transform, TransformChain
 from wsireg_flow.warp import warp_slide
 
@@ -153,19 +153,31 @@ class StackJob:
         )
 
 
-def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
-    """Create the stack run directory and ``stack.json``; refuse one holding another stack
-    unless ``overwrite`` (which empties it first)."""
-    d = job.run_dir
-    desc = {
+def _describe(job: StackJob) -> dict[str, Any]:
+    return {
         "sections": [str(p) for p in job.sections],
         "reference": job.ref,
         "landmarks": None if job.landmarks is None else [str(p) for p in job.landmarks],
     }
+
+
+def _holds_this_stack(job: StackJob) -> bool:
+    f = job.run_dir / "stack.json"
+    try:
+        old = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and all(old.get(k) == v for k, v in _describe(job).items())
+
+
+def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
+    """Create the stack run directory and ``stack.json``; refuse one holding another stack
+    unless ``overwrite`` (which empties it first)."""
+    d = job.run_dir
+    desc = _describe(job)
     f = d / "stack.json"
     if d.exists() and any(d.iterdir()):
-        old = json.loads(f.read_text()) if f.is_file() else None
-        same = old is not None and all(old.get(k) == v for k, v in desc.items())
+        same = _holds_this_stack(job)
         if not same and not overwrite:
             raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
         if overwrite:
@@ -251,6 +263,50 @@ def stack_metrics(job: StackJob) -> dict[str, Any]:
             }
         )
     return out
+
+
+def report_fingerprint(job: StackJob) -> str:
+    """Fingerprint of the stack report: every section's warp fingerprint."""
+    return fingerprint(
+        "stack-report", [job.section_fingerprint(k) for k in range(len(job.sections))]
+    )
+
+
+def stack_report(job: StackJob) -> tuple[bool, dict[str, Any]]:
+    """Write ``metrics.json`` and the QC figures and page (a resumable stage named "report");
+    returns (whether it ran, the metrics)."""
+
+    def work() -> list[str]:
+        metrics = stack_metrics(job)
+        write_json(job.run_dir / "metrics.json", metrics)
+        page = stack_qc(job, metrics)
+        return ["metrics.json", str(page.relative_to(job.run_dir))]
+
+    ran = run_stage(job.run_dir, "report", report_fingerprint(job), work)
+    return ran, json.loads((job.run_dir / "metrics.json").read_text())
+
+
+def stack_is_complete(job: StackJob) -> bool:
+    """True when the run directory holds this stack with every pair stage, section warp and
+    the report complete and current: a re-run has nothing to do (no orchestration needed)."""
+    if not _holds_this_stack(job):
+        return False
+    try:
+        pairs_done = all(
+            job_is_complete(job.pair_job(k), PAIR_STAGES_FOR_STACK)
+            for k in range(len(job.sections))
+            if k != job.ref
+        )
+        return (
+            pairs_done
+            and all(
+                is_complete(job.run_dir, f"section-{job.name(k)}", job.section_fingerprint(k))
+                for k in range(len(job.sections))
+            )
+            and is_complete(job.run_dir, "report", report_fingerprint(job))
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def stack_qc(job: StackJob, metrics: dict[str, Any] | None = None, size: int = 512) -> Path:
