@@ -43,7 +43,7 @@ from wsireg_flow.landmarks import (
     write_pair_table,
 )
 from wsireg_flow.metrics import PairScore, aggregate, score_pair
-from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair
+from wsireg_flow.pipeline import PAIR_STAGES, PairJob, job_is_complete, run_pair
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import write_figure
 
@@ -445,6 +445,18 @@ def load_dataset(root: Path, table: Path, status: str | None, limit: int | None)
     if not root.is_dir():
         raise InputError("dataset root is not a folder", root)
     return select_pairs(read_pair_table(table), status, limit)
+
+
+def benchmark_is_complete(
+    root: Path, table: Path, out: Path, cfg: Config, status: str | None, limit: int | None
+) -> bool:
+    """True when every selected pair already has a complete, current run under ``out``: a
+    re-run only rescores (no orchestration needed). False on any problem with the table."""
+    try:
+        pairs = load_dataset(root, table, status, limit)
+        return bool(pairs) and all(job_is_complete(_pair_job(p, root, out, cfg)) for p in pairs)
+    except (WsiregError, OSError, ValueError):
+        return False
 
 
 def run_benchmark(

@@ -183,6 +183,29 @@ def test_full_run_exits_zero_and_prints_the_summary(full: dict[str, Any]) -> Non
     assert "wsireg-flow (this run)" in full["stdout"]
 
 
+def test_rerun_of_a_finished_benchmark_rescores_without_prefect(
+    full: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pair complete: the CLI rescores with the library alone (starting Prefect's
+    temporary server for nothing took 12-15 s) and writes the same scores."""
+    import flows.anhir
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the anhir flow was started")
+
+    def scores() -> list[dict[str, str]]:  # minutes: resumed pairs report their stages' time
+        return [{k: v for k, v in r.items() if k != "minutes"} for r in _read_table(pairs)[1]]
+
+    out: Path = full["out"]
+    pairs = out / "scores" / "pairs.csv"
+    before = scores()
+    monkeypatch.setattr(flows.anhir, "anhir_benchmark", refuse)
+    res = _cli(_anhir_argv(DATA, TABLE, out))
+    assert res["code"] == 0, res["stderr"]
+    assert scores() == before
+    assert "wsireg-flow (this run)" in res["stdout"]
+
+
 def test_registration_results_table_is_a_complete_submission(full: dict[str, Any]) -> None:
     out: Path = full["out"]
     header, rows = _read_table(out / "registration-results.csv")

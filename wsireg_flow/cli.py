@@ -214,20 +214,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_anhir(args: argparse.Namespace) -> int:
     """`wsireg-flow anhir`: register and score an ANHIR-layout dataset."""
-    from flows.anhir import anhir_benchmark
+    from benchmarks_anhir.run import benchmark_is_complete, run_benchmark
 
     cfg = _config(args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"must be at least 1, got {args.limit}", "--limit")
-    summary = anhir_benchmark(
-        args.dataset,
-        args.pairs,
-        args.out,
-        cfg,
-        status=args.status,
-        limit=args.limit,
-        echo=_progress(args),
-    )
+    where = (args.dataset, args.pairs, args.out, cfg)
+    if benchmark_is_complete(*where, args.status, args.limit):
+        # every pair finished with unchanged inputs and settings: rescore, no orchestration
+        summary = run_benchmark(*where, status=args.status, limit=args.limit)
+    else:
+        from flows.anhir import anhir_benchmark
+
+        summary = anhir_benchmark(
+            *where, status=args.status, limit=args.limit, echo=_progress(args)
+        )
     print((args.out / "scores" / "summary.md").read_text())
     print(f"report: {args.out / 'scores' / 'summary.md'}  figures: {args.out / 'figures'}")
     if summary["failed_pairs"]:
