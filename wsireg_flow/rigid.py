@@ -179,7 +179,10 @@ def feature_alignment(
         if n_in < cfg.min_inliers:
             reason = f"only {n_in} inliers (< {cfg.min_inliers})"
         if reason:
-            res.notes.append(f"features{' (mirrored)' if flipped else ''} rejected: {reason}")
+            res.notes.append(
+                f"features{' (mirrored)' if flipped else ''} rejected: {reason} "
+                f"({n_in} inliers of {len(pairs)} matches)"
+            )
         candidates.append(res)
     ok = [c for c in candidates if not any("rejected" in n for n in c.notes)]
     if not ok:
