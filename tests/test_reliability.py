@@ -965,6 +965,33 @@ def test_no_module_uses_unsafe_deserialisation_or_eval() -> None:
     assert found == {}, f"{_UNSAFE_MSG}: {found}"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "kind: pair\ntarget: a.jpg\nsourse: b.jpg\n",
+            "invalid manifest: 'sourse': Extra inputs are not permitted (did you mean 'source'?); "
+            "a pair manifest needs 'source'",
+        ),
+        (
+            "kind: stack\nfolder: s\nrefrence: 1\n",
+            "invalid manifest: 'refrence': Extra inputs are not permitted "
+            "(did you mean 'reference'?)",
+        ),
+        ("kind: pair\ntarget: a.jpg\n", "a pair manifest needs 'target' and 'source'"),
+    ],
+)
+def test_manifest_key_typo_names_the_key_it_meant(tmp_path: Path, text: str, message: str) -> None:
+    """A misspelt key was reported as an extra key only, not as the required key it misses."""
+    from wsireg_flow.manifest import load_manifest
+
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        load_manifest(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
 def test_python_tag_in_a_manifest_is_refused_with_one_line(tmp_path: Path) -> None:
     from flows.inbox import run_manifest
     from wsireg_flow.manifest import load_manifest

@@ -17,6 +17,7 @@ Example (paths relative to the data root, which they cannot leave)::
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -57,13 +58,28 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     try:
         m = Manifest.model_validate(data)
     except ValidationError as exc:
-        parts = [f"{'.'.join(map(str, e['loc']))!r}: {e['msg']}" for e in exc.errors()]
+        parts = [_explain(e) for e in exc.errors()]
+        if data.get("kind") == "pair":
+            missing = [k for k in ("target", "source") if not data.get(k)]
+            if missing:
+                parts.append(f"a pair manifest needs {' and '.join(map(repr, missing))}")
         raise InputError(f"invalid manifest: {'; '.join(parts)}", p) from None
     if m.kind == "pair" and (not m.target or not m.source):
         raise InputError("a pair manifest needs 'target' and 'source'", p)
     if m.kind == "stack" and not (m.sections or m.folder):
         raise InputError("a stack manifest needs 'sections' or 'folder'", p)
     return m
+
+
+def _explain(error: Any) -> str:
+    """One pydantic error as "'key': message", suggesting the closest known key for a typo."""
+    loc = ".".join(map(str, error["loc"]))
+    text = f"{loc!r}: {error['msg']}"
+    if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+        close = difflib.get_close_matches(str(error["loc"][0]), Manifest.model_fields, n=1)
+        if close:
+            text += f" (did you mean {close[0]!r}?)"
+    return text
 
 
 def manifest_config(m: Manifest, base: Config, path: Path) -> Config:
