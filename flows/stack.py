@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import STAGE_TASK_OPTIONS, flow_progress
 from flows.pair import pair_stage
-from wsireg_flow.parallel import dask_scheduler
-from wsireg_flow.pipeline import check_inputs, prepare_run_dir
+from wsireg_flow.parallel import dask_scheduler, resolve_scheduler
+from wsireg_flow.pipeline import PairJob, check_inputs, job_is_complete, prepare_run_dir, run_pair
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.stack import (
     PAIR_STAGES_FOR_STACK,
@@ -32,6 +32,50 @@ def stack_report_task(job: StackJob) -> tuple[bool, dict[str, Any]]:
     return stack_report(job)
 
 
+def job_is_complete_for_stack(pj: PairJob) -> bool:
+    """True when a neighbour pair of a stack has nothing left to do."""
+    return job_is_complete(pj, PAIR_STAGES_FOR_STACK)
+
+
+def _gather(client: Any, futures: dict[Any, str], stage: str, progress: ProgressFn) -> dict:
+    """Wait for every future, then raise the first failure (finished work keeps its markers)."""
+    from distributed import as_completed
+
+    progress(stage, 0, len(futures))
+    for done, _ in enumerate(as_completed(list(futures)), start=1):
+        progress(stage, done, len(futures))
+    failed = [f for f in futures if f.status != "finished"]
+    if failed:
+        raise failed[0].exception()
+    return dict(zip(futures.values(), client.gather(list(futures)), strict=True))
+
+
+def on_cluster(
+    job: StackJob, jobs: list[PairJob], client: Any, progress: ProgressFn
+) -> dict[str, bool]:
+    """Run whole neighbour pairs, then whole section warps, as tasks on a distributed cluster.
+
+    Each pair (ingest, coarse, non-rigid, stitch) and each warp runs on one worker with its
+    own threads, so a stack's reading, registering and writing all spread over the cluster
+    (the workers need the run directory on a shared file system, as tile tasks do).
+    """
+    ran: dict[str, bool] = {}
+    pairs = {
+        client.submit(
+            run_pair, pj, scheduler="threads", stages=PAIR_STAGES_FOR_STACK, pure=False
+        ): pj.run_dir.name
+        for pj in jobs
+    }
+    for name, stages in _gather(client, pairs, "stack pairs", progress).items():
+        ran.update({f"{name}/{stage}": r for stage, r in stages.items()})
+    warps = {
+        client.submit(warp_section, job, k, pure=False): f"section-{job.name(k)}"
+        for k in range(len(job.sections))
+    }
+    ran.update(_gather(client, warps, "stack sections", progress))
+    return ran
+
+
 @flow(name="register-stack", validate_parameters=False, persist_result=False)
 def register_stack(
     job: StackJob, overwrite: bool = False, echo: ProgressFn | None = None
@@ -44,16 +88,18 @@ def register_stack(
     ran: dict[str, bool] = {}
     try:
         with dask_scheduler(job.cfg.dask) as scheduler:
-            for k in range(len(job.sections)):
-                if k == job.ref:
-                    continue
-                pj = job.pair_job(k)
+            jobs = [job.pair_job(k) for k in range(len(job.sections)) if k != job.ref]
+            for pj in jobs:
                 check_inputs(pj)
                 prepare_run_dir(pj)
-                for name in PAIR_STAGES_FOR_STACK:
-                    ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)
-            for k in range(len(job.sections)):
-                ran[f"section-{job.name(k)}"] = section_task(job, k, progress)
+            if isinstance(scheduler, str) or all(map(job_is_complete_for_stack, jobs)):
+                for pj in jobs:
+                    for name in PAIR_STAGES_FOR_STACK:
+                        ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)
+                for k in range(len(job.sections)):
+                    ran[f"section-{job.name(k)}"] = section_task(job, k, progress)
+            else:
+                ran.update(on_cluster(job, jobs, resolve_scheduler(scheduler), progress))
         ran["report"], metrics = stack_report_task(job)
     except BaseException:
         if created and not any(job.run_dir.rglob(".stages/*.json")):

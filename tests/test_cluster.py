@@ -175,3 +175,38 @@ def test_unreachable_scheduler_is_a_one_line_error(monkeypatch: pytest.MonkeyPat
     assert str(exc.value).startswith(f"{address}: no Dask scheduler answered within 2 s")
     assert "\n" not in str(exc.value)
     assert time.perf_counter() - t0 < 20
+
+
+def _stack(out: Path, scheduler: str) -> dict[str, Any]:
+    from flows.stack import register_stack
+    from wsireg_flow.stack import StackJob
+
+    sections = sorted(CASE.glob("*.jpg"))[:3]  # CD31, Cc10, He: reference Cc10
+    cfg = Config()
+    cfg.dask.scheduler = scheduler
+    return register_stack(
+        StackJob(sections, out, cfg, landmarks=[p.with_suffix(".csv") for p in sections])
+    )
+
+
+def test_stack_runs_whole_pairs_and_warps_on_the_cluster(
+    prefect_env: None, cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    """On a cluster each neighbour pair, then each section warp, is one task on a worker (so
+    reading, registering and writing spread over the cluster); the result is the threaded one."""
+    from distributed import get_task_stream
+
+    reference = _stack(tmp_path / "threads", "threads")
+    with get_task_stream(cluster["client"]) as stream:
+        result = _stack(tmp_path / "cluster", cluster["address"])
+    keys = [t["key"] if isinstance(t["key"], str) else t["key"][0] for t in stream.data]
+    names = sorted(k.split("-")[0] for k in keys)
+    print(f"\nstack tasks on the cluster: {names}")
+    assert names == ["run_pair"] * 2 + ["warp_section"] * 3
+    assert {t["worker"] for t in stream.data} == set(cluster["client"].scheduler_info()["workers"])
+    assert set(result["ran"]) == set(reference["ran"]) and all(result["ran"].values())
+    for a, b in zip(result["metrics"]["sections"], reference["metrics"]["sections"], strict=True):
+        assert a["section"] == b["section"]
+        if not a["is_reference"]:
+            assert a["median_rtre"] == pytest.approx(b["median_rtre"], abs=1e-6)
+            assert a["median_rtre"] < 0.5 * a["initial_median_rtre"]

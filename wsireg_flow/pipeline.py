@@ -762,8 +762,10 @@ def run_pair(
     scheduler: Any = "threads",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    stages: Sequence[str] = PAIR_STAGES,
 ) -> dict[str, bool]:
-    """Run every stage of ``job`` in order (no Prefect); returns {stage: ran}."""
+    """Run ``stages`` (default: every stage) of ``job`` in order, without Prefect; returns
+    {stage: ran}."""
     check_inputs(job)
     prepare_run_dir(job, overwrite)
-    return {name: run_pair_stage(job, name, scheduler, progress) for name in PAIR_STAGES}
+    return {name: run_pair_stage(job, name, scheduler, progress) for name in stages}
