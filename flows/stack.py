@@ -1,4 +1,10 @@
-"""``register_stack`` flow: neighbour pairs as pair-stage tasks, then one warp task per section."""
+"""``register_stack`` flow: neighbour pairs, then one warp per section, then the report.
+
+With ``threads``/``sync`` (or when every pair is already complete) pairs run as pair-stage
+Prefect tasks (retried on transient errors) and sections as warp tasks, one after another,
+their tiles on that scheduler. With a distributed scheduler (the default local cluster or an
+address) whole pairs and then whole warps run as Dask tasks on the workers, in parallel.
+"""
 
 from __future__ import annotations
 
