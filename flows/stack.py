@@ -43,7 +43,9 @@ def job_is_complete_for_stack(pj: PairJob) -> bool:
     return job_is_complete(pj, PAIR_STAGES_FOR_STACK)
 
 
-def _gather(client: Any, futures: dict[Any, str], stage: str, progress: ProgressFn) -> dict:
+def _gather(
+    client: Any, futures: dict[Any, str], stage: str, progress: ProgressFn
+) -> dict[str, Any]:
     """Wait for every future, then raise the first failure (finished work keeps its markers)."""
     from distributed import as_completed
 
