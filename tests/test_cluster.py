@@ -210,3 +210,35 @@ def test_stack_runs_whole_pairs_and_warps_on_the_cluster(
         if not a["is_reference"]:
             assert a["median_rtre"] == pytest.approx(b["median_rtre"], abs=1e-6)
             assert a["median_rtre"] < 0.5 * a["initial_median_rtre"]
+
+
+def test_stack_pair_failing_on_a_worker_is_one_line_and_keeps_finished_work(
+    prefect_env: None, cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    """A blank section passes the up-front checks (it is a readable image) and fails in its
+    pair's preprocess stage on a worker: the error comes back as the same one line, and the
+    other pair's finished stages keep their markers for a re-run."""
+    import contextlib
+    import io
+
+    import cv2
+
+    from wsireg_flow.cli import main
+    from wsireg_flow.stack import PAIR_STAGES_FOR_STACK
+
+    blank = tmp_path / "b-blank.png"
+    cv2.imwrite(str(blank), np.full((660, 892, 3), 255, np.uint8))
+    sections = [CASE / "29-041-Izd2-w35-CD31-3-les3.jpg", CASE / "29-041-Izd2-w35-Cc10-5-les3.jpg"]
+    out = tmp_path / "stack"
+    argv = ["stack", str(sections[0]), str(sections[1]), str(blank), "--reference", "1"]
+    argv += ["--out", str(out), "--scheduler", cluster["address"], "--quiet"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    assert code == 2
+    assert err.getvalue().strip().splitlines() == [
+        f"wsireg-flow: error: {blank}: no tissue found in the source image"
+    ]
+    done = sorted(p.stem for p in (out / "pairs" / "00-onto-01" / ".stages").glob("*.json"))
+    assert done == sorted(PAIR_STAGES_FOR_STACK)
+    assert not (out / "metrics.json").exists()
