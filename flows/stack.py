@@ -1,6 +1,6 @@
 """``register_stack`` flow: neighbour pairs, then one warp per section, then the report.
 
-With ``threads``/``sync`` (or when every pair is already complete) pairs run as pair-stage
+With ``threads``/``sync`` (or when fewer than two pairs are left to do) pairs run as pair-stage
 Prefect tasks (retried on transient errors) and sections as warp tasks, one after another,
 their tiles on that scheduler. With a distributed scheduler (the default local cluster or an
 address) whole pairs and then whole warps run as Dask tasks on the workers, in parallel.
@@ -100,7 +100,9 @@ def register_stack(
             for pj in jobs:
                 check_inputs(pj)
                 prepare_run_dir(pj)
-            if isinstance(scheduler, str) or all(map(job_is_complete_for_stack, jobs)):
+            # one pair left to do gains nothing from a worker of its own: its tiles use them all
+            todo = [pj for pj in jobs if not job_is_complete_for_stack(pj)]
+            if isinstance(scheduler, str) or len(todo) < 2:
                 for pj in jobs:
                     for name in PAIR_STAGES_FOR_STACK:
                         ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)
