@@ -131,6 +131,21 @@ def test_real_scan_with_white_padding_keeps_the_glass_out() -> None:
     assert 0.55 < mask.mean() < 0.7
 
 
+def test_wide_white_margin_does_not_make_the_whole_scan_tissue() -> None:
+    """A pale section pasted on a wide white canvas (scanner padding): the padding once pulled
+    Otsu's threshold between padding and glass, and the whole pasted rectangle was "tissue"
+    (100 % of it instead of 87 %); Otsu now sees the scanned pixels only."""
+    lung = DATA / "anhir-sample" / "lung-lesion_3" / "scale-5pc" / "29-041-Izd2-w35-Cc10-5-les3.jpg"
+    rgb = cv2.cvtColor(cv2.imread(str(lung)), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    canvas = np.full((800, 2000, 3), 255, np.uint8)
+    canvas[70 : 70 + h, 500 : 500 + w] = rgb
+    alone, padded = tissue_mask(rgb), tissue_mask(canvas)[70 : 70 + h, 500 : 500 + w]
+    assert 0.8 < alone.mean() < 0.9
+    assert padded.mean() == pytest.approx(alone.mean(), abs=0.01)
+    assert (alone & padded).sum() / (alone | padded).sum() > 0.98
+
+
 @pytest.mark.parametrize("min_stain", [0.05, 0.2])
 def test_stained_drops_empty_space_inside_the_mask(min_stain: float) -> None:
     intensity = np.zeros((64, 64), np.float32)

@@ -111,17 +111,20 @@ def tissue_mask(
 
     Tissue is what absorbs clearly more light than the glass: optical density above the glass
     peak plus 5 spreads (at least 0.04 above it, see :func:`glass_level`), or above Otsu's
-    threshold if that is lower. Otsu alone splits dark stain from faint tissue on IHC slides
-    whose counterstain is pale (the bundled cytokeratin section: 10 % of the image instead of
-    54 %). Without a glass peak (tissue everywhere) the threshold is halfway between the 5th
-    percentile and Otsu's, plus 0.02. Then a small closing, hole filling and removal of pieces
-    smaller than ``min_area_fraction`` of the image. A blank image (no contrast) gives an
-    all-False mask.
+    threshold (of the scanned pixels: exactly white padding left out) if that is lower. Otsu
+    alone splits dark stain from faint tissue on IHC slides whose counterstain is pale (the
+    bundled cytokeratin section: 10 % of the image instead of 54 %). Without a glass peak
+    (tissue everywhere) the threshold is halfway between the 5th percentile and Otsu's, plus
+    0.02. Then a small closing, hole filling and removal of pieces smaller than
+    ``min_area_fraction`` of the image. A blank image (no contrast) gives an all-False mask.
     """
     od = cv2.GaussianBlur(optical_density(rgb), (0, 0), 1.0)
     if float(od.max() - od.min()) < 0.05:
         return np.zeros(od.shape, bool)
-    otsu = float(threshold_otsu(od))
+    # exactly white pixels are padding (no data): a wide white margin would otherwise pull
+    # Otsu's threshold between padding and glass, and the whole scanned area would be "tissue"
+    scanned = od[_channels(rgb).min(axis=-1) < 255]
+    otsu = float(threshold_otsu(scanned if scanned.size >= 0.01 * od.size else od))
     glass = glass_level(rgb, od, otsu)
     if glass is not None:
         thr = min(otsu, glass.level + max(5.0 * glass.spread, 0.04))
