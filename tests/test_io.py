@@ -170,8 +170,28 @@ def test_png_gray_and_rgba(tmp_path: Path) -> None:
         assert s.shapes == [(30, 40, 1)]
         np.testing.assert_array_equal(s.read_region(0, 0, 0, 30, 40)[:, :, 0], gray)
     with open_slide(tmp_path / "c.png") as s:
-        assert s.shapes == [(30, 40, 4)]
-        np.testing.assert_array_equal(s.read_region(0, 0, 0, 30, 40), rgba)
+        # alpha is composited over white (a brightfield background): RGB comes out
+        assert s.shapes == [(30, 40, 3)]
+        expected = np.rint(rgba[:, :, :3] * (200 / 255) + 255 * (55 / 255)).astype(np.uint8)
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 30, 40), expected)
+
+
+def test_transparent_background_reads_as_white_glass(tmp_path: Path) -> None:
+    """A transparent (0, 0, 0, 0) background once read as black, i.e. dark "tissue" all round:
+    the mask covered 99 % of the image and the pair registered 112 degrees off."""
+    rgb = _rgb(30, 40)
+    alpha = np.zeros((30, 40), np.uint8)
+    alpha[5:25, 10:30] = 255
+    rgba = np.dstack([np.where(alpha[..., None] > 0, rgb, 0).astype(np.uint8), alpha])
+    grey_alpha = np.dstack([rgb[:, :, 0], alpha])  # grey + alpha (PNG "LA")
+    (tmp_path / "t.png").write_bytes(imagecodecs.png_encode(rgba))
+    (tmp_path / "la.png").write_bytes(imagecodecs.png_encode(grey_alpha))
+    for name, channels in (("t.png", 3), ("la.png", 1)):
+        with open_slide(tmp_path / name) as s:
+            assert s.shapes == [(30, 40, channels)]
+            img = s.read_region(0, 0, 0, 30, 40)
+        assert (img[alpha == 0] == 255).all()
+        np.testing.assert_array_equal(img[alpha > 0], rgb[alpha > 0][:, :channels])
 
 
 # --------------------------------------------------------------------------- synthetic TIFFs

@@ -505,9 +505,24 @@ def _open_plain(p: Path) -> Slide:
     img = np.asarray(img)
     if img.ndim == 2:
         img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 2:
+    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4) or min(img.shape[:2]) < 2:
         raise InputError(f"unsupported image shape {img.shape}", p)
+    if img.shape[2] in (2, 4):
+        img = over_white(img)
     return Slide(p, [img], None, "plain", "image")
+
+
+def over_white(img: np.ndarray) -> np.ndarray:
+    """Composite a (y, x, c) image whose last channel is alpha (grey + alpha, or RGBA) over
+    white, as a brightfield background: (y, x, c - 1) of the same integer dtype.
+
+    Transparent pixels hold no data; kept as they are (often black), they would be dark
+    "tissue" to the mask and the registration.
+    """
+    top = float(np.iinfo(img.dtype).max)
+    alpha = img[:, :, -1:].astype(np.float32) / top
+    out = img[:, :, :-1].astype(np.float32) * alpha + top * (1.0 - alpha)
+    return np.clip(np.rint(out), 0, top).astype(img.dtype)
 
 
 def _first_line(exc: BaseException) -> str:
