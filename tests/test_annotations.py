@@ -451,3 +451,39 @@ def test_warp_labels_keeps_only_label_values_at_every_level(run: Path, tmp_path:
     # labels land where the smooth warp puts them (same transform, nearest vs linear)
     same = (levels[0] == smooth[0]).mean()
     assert same > 0.95, same
+
+
+def test_warp_labels_the_output_with_the_other_frame_and_refuses_a_wrong_size(
+    tmp_path: Path,
+) -> None:
+    """The output of ``warp`` is in the other slide's frame: it carries that slide's pixel size
+    (it once carried the input's), and an image of another size than the frame it should come
+    from is refused (it once gave an all-white or wrongly cropped result)."""
+    affine = np.diag([2.0, 2.0, 1.0])  # target (x, y) -> source (2x, 2y): source at 0.5 um/px
+    meta = {"target_pixel_size_um": 1.0, "source_pixel_size_um": 0.5}
+    Transform(affine, None, None, (50, 60), (100, 120), meta).save(tmp_path / "transform")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("source", (100, 120)), ("target", (50, 60))):
+        assert cv2.imwrite(str(tmp_path / f"{name}.png"), rng.integers(0, 255, (h, w, 3), np.uint8))
+    cases = [
+        ("source", "source-to-target", (50, 60), 1.0),
+        ("target", "target-to-source", (100, 120), 0.5),
+    ]
+    for name, direction, shape, pixel_size in cases:
+        out = tmp_path / f"{name}-warped.zarr"
+        image = tmp_path / f"{name}.png"
+        argv = ["warp", str(tmp_path / "transform"), str(image), "--out", str(out)]
+        code, _, err = _cli([*argv, "--direction", direction, "--quiet"])
+        assert code == 0, err
+        with open_slide(out) as s:
+            assert s.shapes[0][:2] == shape
+            assert s.pixel_size_um == pytest.approx(pixel_size)
+    wrong = tmp_path / "wrong.zarr"
+    argv = ["warp", str(tmp_path / "transform"), str(tmp_path / "target.png"), "--out", str(wrong)]
+    code, _, err = _cli([*argv, "--quiet"])
+    assert code == 2
+    assert err.strip() == (
+        f"wsireg-flow: error: {tmp_path / 'target.png'}: image is 60x50 px but the run's source "
+        "is 120x100 px: source-to-target warps images of the source's size"
+    )
+    assert not (tmp_path / "wrong.zarr").exists()

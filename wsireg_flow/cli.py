@@ -26,7 +26,7 @@ from wsireg_flow.config import (
     is_scheduler,
     load_config,
 )
-from wsireg_flow.errors import ConfigError, WsiregError
+from wsireg_flow.errors import ConfigError, InputError, WsiregError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -257,13 +257,25 @@ def cmd_warp(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     transform = Transform.load(args.transform)
-    view = transform if args.direction == "source-to-target" else InverseView(transform)
+    forward = args.direction == "source-to-target"
+    view = transform if forward else InverseView(transform)
+    frame, into = ("source", "target") if forward else ("target", "source")
+    expected = transform.source_shape if forward else transform.target_shape
     with open_slide(args.image, cfg.io.pixel_size_um) as image:
+        h, w = image.shapes[0][:2]
+        if (h, w) != tuple(expected):
+            raise InputError(
+                f"image is {w}x{h} px but the run's {frame} is {expected[1]}x{expected[0]} px: "
+                f"{args.direction} warps images of the {frame}'s size",
+                args.image,
+            )
+        # the output is in the other slide's frame: label it with that slide's pixel size
+        pixel_size = transform.meta.get(f"{into}_pixel_size_um", image.pixel_size_um)
         out = warp_slide(
             view,
             image,
             args.out,
-            image.pixel_size_um,
+            pixel_size,
             chunk=cfg.io.chunk,
             max_side=cfg.io.pyramid_max_side,
             codec=cfg.io.codec,

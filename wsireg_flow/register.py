@@ -357,7 +357,8 @@ def finalize(
     source: Slide,
     meta: dict[str, Any],
 ) -> Transform:
-    """Build the Transform: residual to level-0 units, inverse by fixed-point iteration."""
+    """Build the Transform: residual to level-0 units, inverse by fixed-point iteration; its
+    metadata also records both slides' pixel sizes (um, None when unknown)."""
     backward = inverse = None
     if residual is not None and downsample is not None:
         origin = 0.5 * downsample - 0.5
@@ -371,7 +372,11 @@ def finalize(
         inverse,
         (int(target.shapes[0][0]), int(target.shapes[0][1])),
         (int(source.shapes[0][0]), int(source.shapes[0][1])),
-        meta,
+        {
+            **meta,
+            "target_pixel_size_um": target.pixel_size_um,
+            "source_pixel_size_um": source.pixel_size_um,
+        },
     )
 
 
