@@ -17,11 +17,12 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import STAGE_TASK_OPTIONS, flow_progress
 from flows.pair import pair_stage
 from wsireg_flow.parallel import dask_scheduler, resolve_scheduler
-from wsireg_flow.pipeline import PairJob, check_inputs, job_is_complete, prepare_run_dir, run_pair
+from wsireg_flow.pipeline import PairJob, check_inputs, prepare_run_dir, run_pair
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.stack import (
     PAIR_STAGES_FOR_STACK,
     StackJob,
+    pairs_left,
     prepare_stack_dir,
     stack_report,
     warp_section,
@@ -36,11 +37,6 @@ def section_task(job: StackJob, k: int, progress: ProgressFn) -> bool:
 @task(name="stack-report", cache_policy=NO_CACHE, persist_result=False)
 def stack_report_task(job: StackJob) -> tuple[bool, dict[str, Any]]:
     return stack_report(job)
-
-
-def job_is_complete_for_stack(pj: PairJob) -> bool:
-    """True when a neighbour pair of a stack has nothing left to do."""
-    return job_is_complete(pj, PAIR_STAGES_FOR_STACK)
 
 
 def _gather(
@@ -96,13 +92,12 @@ def register_stack(
     ran: dict[str, bool] = {}
     try:
         with dask_scheduler(job.cfg.dask) as scheduler:
-            jobs = [job.pair_job(k) for k in range(len(job.sections)) if k != job.ref]
+            jobs = job.pair_jobs()
             for pj in jobs:
                 check_inputs(pj)
                 prepare_run_dir(pj)
             # one pair left to do gains nothing from a worker of its own: its tiles use them all
-            todo = [pj for pj in jobs if not job_is_complete_for_stack(pj)]
-            if isinstance(scheduler, str) or len(todo) < 2:
+            if isinstance(scheduler, str) or len(pairs_left(job)) < 2:
                 for pj in jobs:
                     for name in PAIR_STAGES_FOR_STACK:
                         ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)

@@ -115,6 +115,10 @@ class StackJob:
             source_landmarks=lm[k] if lm else None,
         )
 
+    def pair_jobs(self) -> list[PairJob]:
+        """Every neighbour pair of the stack (one per section but the reference), in order."""
+        return [self.pair_job(k) for k in range(len(self.sections)) if k != self.ref]
+
     def chain_pairs(self, k: int) -> list[int]:
         """Sections whose pair transforms map the reference frame into section ``k``, in order."""
         out, i = [], k
@@ -286,19 +290,19 @@ def stack_report(job: StackJob) -> tuple[bool, dict[str, Any]]:
     return ran, json.loads((job.run_dir / "metrics.json").read_text())
 
 
+def pairs_left(job: StackJob) -> list[PairJob]:
+    """The neighbour pairs with a stage still to run (not complete with current inputs)."""
+    return [pj for pj in job.pair_jobs() if not job_is_complete(pj, PAIR_STAGES_FOR_STACK)]
+
+
 def stack_is_complete(job: StackJob) -> bool:
     """True when the run directory holds this stack with every pair stage, section warp and
     the report complete and current: a re-run has nothing to do (no orchestration needed)."""
     if not _holds_this_stack(job):
         return False
     try:
-        pairs_done = all(
-            job_is_complete(job.pair_job(k), PAIR_STAGES_FOR_STACK)
-            for k in range(len(job.sections))
-            if k != job.ref
-        )
         return (
-            pairs_done
+            not pairs_left(job)
             and all(
                 is_complete(job.run_dir, f"section-{job.name(k)}", job.section_fingerprint(k))
                 for k in range(len(job.sections))
