@@ -193,6 +193,35 @@ def test_mirrored_and_turned_source_registers_as_well(
     assert med == pytest.approx(med0, abs=0.001)
 
 
+def _scaled_source(out: Path, factor: float) -> tuple[Path, Path]:
+    """The source resized by ``factor`` as a PNG (no pixel size stated), landmarks moved along
+    (pixel centres kept: x' = (x + 0.5) * factor - 0.5)."""
+    img = cv2.imread(str(SOURCE))
+    scaled = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+    out.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out / "scaled.png"), scaled)
+    write_landmarks(out / "scaled.csv", (read_landmarks(SOURCE_LM) + 0.5) * factor - 0.5)
+    return out / "scaled.png", out / "scaled.csv"
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.7])
+def test_source_at_another_scale_without_pixel_size_registers(
+    run: dict[str, object], tmp_path: Path, factor: float
+) -> None:
+    """Two images scanned at different magnifications whose files state no pixel size: the
+    rotation search also tries the scale the tissue areas imply (it used to try scale 1 only,
+    and at 1.7 ended worse than it started, with exit 0)."""
+    source, source_lm = _scaled_source(tmp_path / "in", factor)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*_args(tmp_path / "run", source, source_lm), "--quiet"]) == 0
+    scaled = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    plain = json.loads((Path(run["dir"]) / "metrics.json").read_text())  # type: ignore[arg-type]
+    med, med0 = scaled["landmarks"]["median_rtre"], plain["landmarks"]["median_rtre"]
+    print(f"\nsource x{factor:g}: {scaled['rigid']['method']}, median rTRE {med:.5f}")
+    assert scaled["rigid"]["scale"] == pytest.approx(factor, rel=0.03)
+    assert med == pytest.approx(med0, abs=0.001)
+
+
 # --------------------------------------------------------------------------- errors
 
 

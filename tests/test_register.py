@@ -30,7 +30,7 @@ from wsireg_flow.geometry import apply_affine, decompose, rotation_about
 from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.register import Registration, register_slides
-from wsireg_flow.rigid import coarse_alignment, plausibility
+from wsireg_flow.rigid import coarse_alignment, plausibility, tissue_scale
 from wsireg_flow.tissue import intensity_stats, normalized_intensity, optical_density, tissue_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,6 +265,20 @@ def test_coarse_alignment_detects_mirror_and_rotation(
     print(f"\n[mirror {angle:g} deg {settings}] {res.method}: point errors {np.round(err, 3)} px")
     assert err.max() < 0.1
     assert res.score_final > res.score_initial
+
+
+def test_tissue_scale_from_mask_areas() -> None:
+    target = np.zeros((400, 400), bool)
+    target[100:200, 100:300] = True  # 20000 px
+    bigger = np.zeros((600, 600), bool)
+    bigger[:170, :340] = True  # 57800 px: sqrt(2.89) = 1.7
+    cfg = RigidConfig()
+    assert tissue_scale(target, bigger, cfg) == pytest.approx(1.7)
+    assert tissue_scale(bigger, target, cfg) == pytest.approx(1 / 1.7)
+    assert tissue_scale(target, target[:, :-20], cfg) is None  # same size: scale 1 only
+    assert tissue_scale(target, bigger, RigidConfig(scale_max=1.5)) is None  # implausible
+    assert tissue_scale(target, None, cfg) is None
+    assert tissue_scale(np.zeros_like(target), bigger, cfg) is None
 
 
 # --------------------------------------------------------------------------- f. plausibility

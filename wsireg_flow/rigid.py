@@ -198,6 +198,31 @@ def feature_alignment(
     return best
 
 
+def tissue_scale(
+    target_mask: np.ndarray | None,
+    source_mask: np.ndarray | None,
+    cfg: RigidConfig,
+    min_ratio: float = 1.2,
+) -> float | None:
+    """Scale of the target->source map implied by the tissue areas, when far from 1.
+
+    Areas scale with the square of the map's scale, so the estimate is
+    ``sqrt(source tissue px / target tissue px)`` (source pixels per target pixel). Returns
+    ``None`` without both masks, when the estimate is within a factor ``min_ratio`` of 1 (the
+    working levels already share a pixel size when the slides state theirs), or when it lies
+    outside ``[cfg.scale_min, cfg.scale_max]``.
+    """
+    if target_mask is None or source_mask is None:
+        return None
+    area_t, area_s = float(np.count_nonzero(target_mask)), float(np.count_nonzero(source_mask))
+    if area_t == 0 or area_s == 0:
+        return None
+    scale = float(np.sqrt(area_s / area_t))
+    if abs(np.log(scale)) < np.log(min_ratio) or not cfg.scale_min <= scale <= cfg.scale_max:
+        return None
+    return scale
+
+
 def rotation_search(
     target: np.ndarray,
     source: np.ndarray,
@@ -208,10 +233,12 @@ def rotation_search(
 ) -> list[RigidResult]:
     """Exhaustive rotation (and mirror) search at ``size`` px, translation by phase correlation.
 
-    Every ``rotation_step_deg`` is tried (scale 1; ECC refines scale later), then the best angle
-    is refined in 1-degree steps. Candidates are scored by blurred intensity and tissue-mask NCC
-    at ``size`` px. Returns the
-    unrotated candidate and the best rotated one (when different), for each mirroring: blurred
+    Every ``rotation_step_deg`` is tried, then the best angle is refined in 1-degree steps. The
+    search runs at scale 1 and, when the tissue areas differ by more than a factor 1.44 (slides
+    without a stated pixel size scanned at different magnifications), also at the scale the
+    areas imply (:func:`tissue_scale`); ECC refines the scale later. Candidates are scored by
+    blurred intensity and tissue-mask NCC at ``size`` px. Returns, for each scale and
+    mirroring, the unrotated candidate and the best rotated one (when different): blurred
     layouts can prefer a wrong symmetric pose, so the caller decides after refinement.
     """
     f = size / max(target.shape)
@@ -220,8 +247,8 @@ def rotation_search(
     sm_small = None if source_mask is None else _small(source_mask.astype(np.float32), f)
     ct, cs = _centroid(t_small), _centroid(s_small)
 
-    def evaluate(angle: float, flipped: bool) -> tuple[float, np.ndarray]:
-        m = rotation_about(angle, ct, cs, 1.0, s_small.shape[1] if flipped else None)
+    def evaluate(angle: float, flipped: bool, scale: float) -> tuple[float, np.ndarray]:
+        m = rotation_about(angle, ct, cs, scale, s_small.shape[1] if flipped else None)
         warped = warp_affine(s_small, m, t_small.shape)
         shift, _, _ = phase_cross_correlation(t_small, warped, normalization=None)
         # `shift` (dy, dx) moves `warped` onto the target: compose that translation
@@ -230,21 +257,25 @@ def rotation_search(
 
     dn = _scale_matrix(f)
     up = np.linalg.inv(dn)
+    scales = [1.0]
+    implied = tissue_scale(target_mask, source_mask, cfg)
+    if implied is not None:
+        scales.append(implied)
     found: list[RigidResult] = []
-    for flipped in [False, True] if cfg.try_flip else [False]:
-        angles = np.arange(0.0, 360.0, cfg.rotation_step_deg)
-        scores = [(*evaluate(float(a), flipped), float(a)) for a in angles]
-        best = max(scores, key=lambda x: x[0])
-        starts = [scores[0]] if best is scores[0] else [scores[0], best]
-        for score, m, angle in starts:
-            half = cfg.rotation_step_deg / 2
-            for a in np.arange(angle - half, angle + half + 1e-9, 1.0):
-                sc, mm = evaluate(float(a), flipped)
-                if sc > score:
-                    score, m = sc, mm
-            found.append(
-                RigidResult(up @ m @ dn, "rotation-search", flipped=flipped, score_final=score)
-            )
+    for scale in scales:
+        for flipped in [False, True] if cfg.try_flip else [False]:
+            angles = np.arange(0.0, 360.0, cfg.rotation_step_deg)
+            scores = [(*evaluate(float(a), flipped, scale), float(a)) for a in angles]
+            best = max(scores, key=lambda x: x[0])
+            starts = [scores[0]] if best is scores[0] else [scores[0], best]
+            for score, m, angle in starts:
+                half = cfg.rotation_step_deg / 2
+                for a in np.arange(angle - half, angle + half + 1e-9, 1.0):
+                    sc, mm = evaluate(float(a), flipped, scale)
+                    if sc > score:
+                        score, m = sc, mm
+                method = "rotation-search" + ("" if scale == 1.0 else f"(scale {scale:.2f})")
+                found.append(RigidResult(up @ m @ dn, method, flipped=flipped, score_final=score))
     return found
 
 
