@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import zarr
 from ome_zarr_models.v04.image import Image
 
@@ -39,10 +40,12 @@ N_LANDMARKS = 80
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _args(out: Path, source: Path = SOURCE, source_lm: Path = SOURCE_LM) -> list[str]:
+def _args(
+    out: Path, source: Path = SOURCE, source_lm: Path = SOURCE_LM, target: Path = TARGET
+) -> list[str]:
     return [
         "register",
-        str(TARGET),
+        str(target),
         str(source),
         "--out",
         str(out),
@@ -220,6 +223,51 @@ def test_source_at_another_scale_without_pixel_size_registers(
     print(f"\nsource x{factor:g}: {scaled['rigid']['method']}, median rTRE {med:.5f}")
     assert scaled["rigid"]["scale"] == pytest.approx(factor, rel=0.03)
     assert med == pytest.approx(med0, abs=0.001)
+
+
+def _as_tiff(src: Path, out: Path, kind: str) -> Path:
+    """``src`` re-encoded as a TIFF that once broke the command: 16-bit RGB (values x 257), or
+    RGBA (opaque alpha)."""
+    rgb = cv2.cvtColor(cv2.imread(str(src)), cv2.COLOR_BGR2RGB)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "16-bit":
+        tifffile.imwrite(out, rgb.astype(np.uint16) * 257, photometric="rgb")
+    else:
+        alpha = np.full(rgb.shape[:2], 255, np.uint8)
+        tifffile.imwrite(
+            out, np.dstack([rgb, alpha]), photometric="rgb", extrasamples=["unassalpha"]
+        )
+    return out
+
+
+def _contrast(png: Path) -> float:
+    return float(cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).std())
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "rgba"])
+def test_16_bit_and_rgba_tiffs_register_export_and_draw_like_8_bit(
+    run: dict[str, object], tmp_path: Path, kind: str
+) -> None:
+    """16-bit RGB TIFFs registered, but their QC figures were blank white (clipped to 0-255)
+    and a wrong optical density sent the rotation search to scale 0.75; RGBA TIFFs kept their
+    alpha as a 4th channel and `export` failed with a ValueError."""
+    target = _as_tiff(TARGET, tmp_path / "in" / "target.tif", kind)
+    source = _as_tiff(SOURCE, tmp_path / "in" / "source.tif", kind)
+    out = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*_args(out, source, SOURCE_LM, target), "--quiet"]) == 0
+        assert main(["export", str(out / "warped.zarr"), "--out", str(tmp_path / "w.ome.tif")]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    plain = json.loads((Path(run["dir"]) / "metrics.json").read_text())  # type: ignore[arg-type]
+    med, med0 = got["landmarks"]["median_rtre"], plain["landmarks"]["median_rtre"]
+    print(f"\n{kind}: {got['rigid']['method']}, median rTRE {med:.5f} (8-bit {med0:.5f})")
+    assert got["rigid"]["scale"] == pytest.approx(plain["rigid"]["scale"], abs=0.02)
+    assert med == pytest.approx(med0, abs=0.001)
+    with open_slide(tmp_path / "w.ome.tif") as w:
+        assert w.channels == 3 and w.dtype == (np.uint16 if kind == "16-bit" else np.uint8)
+    plain_qc = Path(run["dir"]) / "qc"  # type: ignore[operator]
+    for name in ("checkerboard.png", "landmarks.png", "tissue.png"):
+        assert _contrast(out / "qc" / name) > 0.8 * _contrast(plain_qc / name), name
 
 
 # --------------------------------------------------------------------------- errors

@@ -194,6 +194,41 @@ def test_transparent_background_reads_as_white_glass(tmp_path: Path) -> None:
         np.testing.assert_array_equal(img[alpha > 0], rgb[alpha > 0][:, :channels])
 
 
+@pytest.mark.parametrize("tile", [None, (16, 16)], ids=["strips", "tiled"])
+@pytest.mark.parametrize("kind", ["unassalpha", "assocalpha"])
+def test_tiff_with_alpha_reads_composited_over_white(tmp_path: Path, kind: str, tile) -> None:
+    """An RGBA TIFF used to keep 4 channels: its warped result could not be exported, and a
+    transparent background read as black "tissue". It now reads like the RGBA PNG, region by
+    region (the view composites each region it reads, never the whole level)."""
+    rgb = _rgb(40, 50)
+    alpha = np.zeros((40, 50), np.uint8)
+    alpha[5:35, 10:40] = 255
+    alpha[20:35, 10:40] = 100
+    colour = rgb.astype(np.float32)
+    if kind == "assocalpha":  # premultiplied colours
+        colour = colour * alpha[..., None] / 255.0
+    rgba = np.dstack([np.rint(colour).astype(np.uint8), alpha])
+    path = tmp_path / "rgba.tif"
+    tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=[kind], tile=tile)
+    expected = np.rint(rgb * (alpha[..., None] / 255.0) + 255.0 * (1 - alpha[..., None] / 255.0))
+    with open_slide(path) as s:
+        assert s.shapes == [(40, 50, 3)]
+        region = s.read_region(0, 18, 8, 38, 44)
+        lazy = s.dask_level(0, chunks=16).compute()
+    np.testing.assert_allclose(region, expected[18:38, 8:44], atol=1)
+    np.testing.assert_array_equal(lazy[alpha == 0], 255)
+    np.testing.assert_allclose(lazy, expected, atol=1)
+
+
+def test_tiff_extra_sample_that_is_not_alpha_is_kept(tmp_path: Path) -> None:
+    """An unspecified extra sample is data, not transparency: it stays a channel."""
+    img = np.dstack([_rgb(20, 30), np.full((20, 30), 7, np.uint8)])
+    tifffile.imwrite(tmp_path / "x.tif", img, photometric="rgb", extrasamples=["unspecified"])
+    with open_slide(tmp_path / "x.tif") as s:
+        assert s.shapes == [(20, 30, 4)]
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 20, 30), img)
+
+
 # --------------------------------------------------------------------------- synthetic TIFFs
 
 

@@ -146,6 +146,22 @@ def test_wide_white_margin_does_not_make_the_whole_scan_tissue() -> None:
     assert (alone & padded).sum() / (alone | padded).sum() > 0.98
 
 
+def test_16_bit_scan_masks_like_its_8_bit_version() -> None:
+    """White is the dtype's maximum: a 16-bit scan (values x 257) once had optical densities
+    near -4.8 instead of 0 at white, a different mask, and a tissue-area ratio that sent the
+    rotation search to scale 0.75 on a same-scale pair."""
+    rgb = _rigid_level(TCGA)
+    deep = rgb.astype(np.uint16) * 257
+    np.testing.assert_allclose(optical_density(deep), optical_density(rgb), atol=0.02)
+    assert optical_density(np.full((2, 2, 3), 65535, np.uint16)).max() == pytest.approx(0.0)
+    eight, sixteen = tissue_mask(rgb), tissue_mask(deep)
+    assert (eight & sixteen).sum() / (eight | sixteen).sum() > 0.99
+    # the exactly white padding (20 % of this scan) is still left out of the glass peak
+    glass8, glass16 = (glass_level(im, optical_density(im), 0.4) for im in (rgb, deep))
+    assert glass8 is not None and glass16 is not None
+    assert glass16.level == pytest.approx(glass8.level, abs=0.005) and glass8.level > 0.06
+
+
 @pytest.mark.parametrize("min_stain", [0.05, 0.2])
 def test_stained_drops_empty_space_inside_the_mask(min_stain: float) -> None:
     intensity = np.zeros((64, 64), np.float32)

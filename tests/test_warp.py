@@ -81,7 +81,8 @@ def test_background_value() -> None:
     assert background_value(4, np.dtype(np.uint8), nearest=False) == 255
     assert background_value(1, np.dtype(np.uint8), nearest=True) == 0
     assert background_value(1, np.dtype(np.uint16), nearest=False) == 0
-    assert background_value(3, np.dtype(np.uint16), nearest=False) == 0
+    assert background_value(3, np.dtype(np.uint16), nearest=False) == 65535  # 16-bit white
+    assert background_value(3, np.dtype(np.float32), nearest=False) == 0
 
 
 def test_warp_chunk_translation_is_exact_shift(slides: Slides) -> None:

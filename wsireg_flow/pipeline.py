@@ -43,13 +43,13 @@ from wsireg_flow.metrics import score_pair
 from wsireg_flow.nonrigid import TileResult
 from wsireg_flow.parallel import describe_scheduler
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.qc import (
     checkerboard,
     deformation_grid_figure,
     html_report,
     jacobian_figure,
     overlay,
+    preview,
     save_figure,
     tissue_figure,
 )
@@ -586,15 +586,6 @@ def landmark_outputs(
     }
 
 
-def _preview(slide: Slide, size: int) -> tuple[np.ndarray, float]:
-    k = level_for_max_side(slide.shapes, size)
-    h, w = slide.shapes[k][:2]
-    img = slide.read_region(k, 0, 0, h, w)
-    if img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    return img[..., :3], slide.downsamples[k]
-
-
 def qc_figures(
     target: Slide,
     source: Slide,
@@ -609,10 +600,10 @@ def qc_figures(
     """QC PNGs: overlays before/after, landmark arrows before/after (when given), checkerboard,
     tile confidence per level, the (target, source) tissue masks (when given, (y, x) bool over
     each whole slide), deformation grid and Jacobian map."""
-    t_img, dt = _preview(target, size)
-    w_img, _ = _preview(warped, size)
+    t_img, dt = preview(target, size)
+    w_img, _ = preview(warped, size)
     w_img = cv2.resize(w_img, (t_img.shape[1], t_img.shape[0]), interpolation=cv2.INTER_AREA)
-    s_img, ds = _preview(source, int(size * max(source.shapes[0][:2]) / max(target.shapes[0][:2])))
+    s_img, ds = preview(source, int(size * max(source.shapes[0][:2]) / max(target.shapes[0][:2])))
     before = np.full_like(t_img, 255)
     hh, ww = min(before.shape[0], s_img.shape[0]), min(before.shape[1], s_img.shape[1])
     before[:hh, :ww] = s_img[:hh, :ww]

@@ -17,7 +17,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from wsireg_flow.tissue import optical_density
+from wsireg_flow.io.slide import Slide
+from wsireg_flow.pyramid import level_for_max_side
+from wsireg_flow.tissue import optical_density, white_level
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """(y, x, c) image of any dtype as uint8 for display, white kept white (16-bit values are
+    divided by 257; floats are taken as 0-255, like :func:`wsireg_flow.tissue.white_level`)."""
+    if img.dtype == np.uint8:
+        return img
+    scaled = img.astype(np.float32) * np.float32(255.0 / white_level(img.dtype))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def preview(slide: Slide, size: int) -> tuple[np.ndarray, float]:
+    """The slide's level whose longest side is closest to ``size`` px, whole, as a (y, x, 3)
+    uint8 RGB image (grey repeated, alpha dropped), and that level's downsample."""
+    k = level_for_max_side(slide.shapes, size)
+    h, w = slide.shapes[k][:2]
+    img = slide.read_region(k, 0, 0, h, w)
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return to_uint8(img[..., :3]), slide.downsamples[k]
 
 
 def _gray(rgb: np.ndarray) -> np.ndarray:

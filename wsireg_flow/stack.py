@@ -33,8 +33,7 @@ from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
 from wsireg_flow.pipeline import PairJob, job_is_complete, registration_quality, write_json
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.pyramid import level_for_max_side
-from wsireg_flow.qc import html_report, overlay, save_figure
+from wsireg_flow.qc import html_report, overlay, preview, save_figure
 from wsireg_flow.stages import fingerprint, is_complete, run_stage
 from wsireg_flow.transform import Transform, TransformChain
 from wsireg_flow.warp import warp_slide
@@ -320,11 +319,8 @@ def stack_qc(job: StackJob, metrics: dict[str, Any] | None = None, size: int = 5
     """
     imgs = []
     for k in range(len(job.sections)):
-        s = open_slide(job.run_dir / "sections" / f"{job.name(k)}.zarr")
-        lv = level_for_max_side(s.shapes, size)
-        h, w = s.shapes[lv][:2]
-        img = s.read_region(lv, 0, 0, h, w)
-        imgs.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3])
+        with open_slide(job.run_dir / "sections" / f"{job.name(k)}.zarr") as s:
+            imgs.append(preview(s, size)[0])
     ref = imgs[job.ref]
     qc = job.run_dir / "qc"
     panels = [

@@ -3,7 +3,9 @@
 Brightfield slides are white where there is no tissue. Optical density (OD) turns transmitted
 light into absorbance, which is additive over stains: summing OD over the RGB channels gives a
 "how much material is here" image that looks alike for H&E and for IHC stains of neighbouring
-sections. All functions take (y, x, c) uint8 arrays (c = 1 or 3; a 4th alpha channel is ignored).
+sections. All functions take (y, x, c) integer arrays (c = 1 or 3; a 4th alpha channel is
+ignored); white is the dtype's maximum (255 for uint8, 65535 for uint16), so a 16-bit scan
+gives the same optical density as its 8-bit version.
 """
 
 from __future__ import annotations
@@ -21,13 +23,24 @@ def _channels(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3] if rgb.ndim == 3 else rgb[..., None]
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Sum over channels of the optical density -log10((I + 1) / 256), as (y, x) float32.
+def white_level(dtype: np.dtype) -> float:
+    """The value of white: the integer dtype's maximum (255 for uint8), 255 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 255.0
 
-    0 for white; about 2.4 per channel for black. Works for grayscale (c = 1) too.
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Sum over channels of the optical density -log10((I + u) / (white + u)), as (y, x)
+    float32, with white from :func:`white_level` and u = white / 255 (1 for uint8).
+
+    0 for white; about 2.4 per channel for black, whatever the bit depth: a 16-bit image with
+    the values of an 8-bit one times 257 has exactly its optical density. Works for
+    grayscale (c = 1) too.
     """
     img = _channels(rgb)
-    od = -np.log10((img.astype(np.float32) + 1.0) / 256.0)
+    white = white_level(img.dtype)
+    unit = white / 255.0
+    od = -np.log10((img.astype(np.float32) + np.float32(unit)) / np.float32(white + unit))
     return od.sum(axis=-1, dtype=np.float32)
 
 
@@ -83,12 +96,12 @@ def glass_level(rgb: np.ndarray, od: np.ndarray, below: float) -> GlassLevel | N
 
     Parameters
     ----------
-    rgb : (y, x, c) uint8 image.
+    rgb : (y, x, c) integer image.
     od : (y, x) float32 summed optical density of ``rgb`` (see :func:`optical_density`).
     below : only pixels with OD under this value are glass candidates.
     """
     img = _channels(rgb)
-    candidates = od[(img.min(axis=-1) < 255) & (od < below)]
+    candidates = od[(img.min(axis=-1) < white_level(img.dtype)) & (od < below)]
     if candidates.size < 0.01 * od.size:
         return None
     step = 0.005
@@ -123,7 +136,7 @@ def tissue_mask(
         return np.zeros(od.shape, bool)
     # exactly white pixels are padding (no data): a wide white margin would otherwise pull
     # Otsu's threshold between padding and glass, and the whole scanned area would be "tissue"
-    scanned = od[_channels(rgb).min(axis=-1) < 255]
+    scanned = od[_channels(rgb).min(axis=-1) < white_level(rgb.dtype)]
     otsu = float(threshold_otsu(scanned if scanned.size >= 0.01 * od.size else od))
     glass = glass_level(rgb, od, otsu)
     if glass is not None:

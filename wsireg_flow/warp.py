@@ -25,9 +25,10 @@ CV_MAX = 32767
 
 
 def background_value(channels: int, dtype: np.dtype, nearest: bool) -> int:
-    """Fill value outside the source: white for brightfield RGB(A) uint8, else 0 (labels too)."""
-    if not nearest and channels in (3, 4) and np.dtype(dtype) == np.uint8:
-        return 255
+    """Fill value outside the source: white (the dtype's maximum: 255, 65535) for brightfield
+    RGB(A) of an integer dtype, else 0 (grey, float, and labels)."""
+    if not nearest and channels in (3, 4) and np.issubdtype(np.dtype(dtype), np.integer):
+        return int(np.iinfo(np.dtype(dtype)).max)
     return 0
 
 

@@ -266,6 +266,9 @@ def _open_tiff(p: Path) -> Slide:
         for k, a in enumerate(raw):
             direct = _TiledLevel.try_create(series.levels[k], fd.fd)
             levels.append(direct if direct is not None else _YXCView(a, series.levels[k].axes))
+        alpha = tiff_alpha(series.levels[0].pages[0])
+        if alpha is not None:
+            levels = [_OverWhiteView(lev, premultiplied=alpha == "associated") for lev in levels]
         kind = "ome-tiff" if tf.is_ome else "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "tiff"
         mpp = tiff_pixel_size_um(tf)
     except InputError:
@@ -275,6 +278,16 @@ def _open_tiff(p: Path) -> Slide:
         tf.close()
         raise InputError(f"unsupported or corrupt TIFF ({_first_line(exc)})", p) from exc
     return Slide(p, levels, mpp, kind, series.name or "", [tf, fd])
+
+
+def tiff_alpha(page: Any) -> str | None:
+    """``"associated"`` (premultiplied) or ``"unassociated"`` when the page's last sample is an
+    alpha channel (RGB + 1 or grey + 1 extra sample marked as alpha), else None."""
+    extra = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ()))
+    colour = {1: 1, 0: 1, 2: 3}.get(int(getattr(page, "photometric", -1)))  # grey, RGB
+    if colour is None or len(extra) != 1 or int(page.samplesperpixel) != colour + 1:
+        return None
+    return {1: "associated", 2: "unassociated"}.get(extra[0])
 
 
 def choose_main_series(series: Sequence[tuple[str, tuple[int, ...], str]]) -> int:
@@ -512,17 +525,36 @@ def _open_plain(p: Path) -> Slide:
     return Slide(p, [img], None, "plain", "image")
 
 
-def over_white(img: np.ndarray) -> np.ndarray:
+def over_white(img: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     """Composite a (y, x, c) image whose last channel is alpha (grey + alpha, or RGBA) over
     white, as a brightfield background: (y, x, c - 1) of the same integer dtype.
 
     Transparent pixels hold no data; kept as they are (often black), they would be dark
-    "tissue" to the mask and the registration.
+    "tissue" to the mask and the registration. ``premultiplied`` colours (TIFF "associated
+    alpha") are already multiplied by alpha.
     """
     top = float(np.iinfo(img.dtype).max)
     alpha = img[:, :, -1:].astype(np.float32) / top
-    out = img[:, :, :-1].astype(np.float32) * alpha + top * (1.0 - alpha)
+    colour = img[:, :, :-1].astype(np.float32)
+    out = (colour if premultiplied else colour * alpha) + top * (1.0 - alpha)
     return np.clip(np.rint(out), 0, top).astype(img.dtype)
+
+
+class _OverWhiteView:
+    """A (y, x, c) level whose last channel is alpha, read as (y, x, c - 1) composited over
+    white (:func:`over_white`) region by region, so nothing is read whole."""
+
+    def __init__(self, arr: Any, premultiplied: bool) -> None:
+        self._arr = arr
+        self._premultiplied = premultiplied
+        h, w, c = arr.shape
+        self.shape = (h, w, c - 1)
+        self.dtype = arr.dtype
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        ys, xs, cs = key
+        return over_white(np.asarray(self._arr[ys, xs, :]), self._premultiplied)[:, :, cs]
 
 
 def _first_line(exc: BaseException) -> str:
