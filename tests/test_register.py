@@ -277,6 +277,9 @@ def test_tissue_scale_from_mask_areas() -> None:
     assert tissue_scale(bigger, target, cfg) == pytest.approx(1 / 1.7)
     assert tissue_scale(target, target[:, :-20], cfg) is None  # same size: scale 1 only
     assert tissue_scale(target, bigger, RigidConfig(scale_max=1.5)) is None  # implausible
+    half = np.zeros((400, 400), bool)
+    half[100:200, 100:200] = True  # half the section missing: area, not shape, scales
+    assert tissue_scale(target, half, cfg) is None
     assert tissue_scale(target, None, cfg) is None
     assert tissue_scale(np.zeros_like(target), bigger, cfg) is None
 

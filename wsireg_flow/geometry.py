@@ -36,6 +36,11 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return pts @ matrix[:2, :2].T + matrix[:2, 2]
 
 
+def translation(dx: float, dy: float) -> np.ndarray:
+    """3x3 affine adding (dx, dy) to (x, y) points."""
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
 def as3x3(matrix: np.ndarray) -> np.ndarray:
     """A 2x3 affine (OpenCV style) as 3x3."""
     m = np.eye(3)

@@ -26,7 +26,14 @@ from skimage.registration import phase_cross_correlation
 
 from wsireg_flow.config import RigidConfig
 from wsireg_flow.errors import RegistrationError
-from wsireg_flow.geometry import as3x3, decompose, flip_x, nearest_similarity, rotation_about
+from wsireg_flow.geometry import (
+    as3x3,
+    decompose,
+    flip_x,
+    nearest_similarity,
+    rotation_about,
+    translation,
+)
 
 
 @dataclass
@@ -198,27 +205,44 @@ def feature_alignment(
     return best
 
 
+def _spread(mask: np.ndarray) -> np.ndarray:
+    """Square roots of the eigenvalues of the (x, y) covariance of the mask's pixels, sorted
+    (the tissue's extents along its principal axes, up to a factor; px)."""
+    yy, xx = np.nonzero(mask)
+    cov = np.cov(np.stack([xx, yy]).astype(np.float64))
+    return np.sqrt(np.clip(np.sort(np.linalg.eigvalsh(cov)), 0.0, None))
+
+
 def tissue_scale(
     target_mask: np.ndarray | None,
     source_mask: np.ndarray | None,
     cfg: RigidConfig,
     min_ratio: float = 1.2,
+    agreement: float = 0.1,
 ) -> float | None:
-    """Scale of the target->source map implied by the tissue areas, when far from 1.
+    """Scale of the target->source map implied by the tissue, when far from 1.
 
     Areas scale with the square of the map's scale, so the estimate is
-    ``sqrt(source tissue px / target tissue px)`` (source pixels per target pixel). Returns
-    ``None`` without both masks, when the estimate is within a factor ``min_ratio`` of 1 (the
-    working levels already share a pixel size when the slides state theirs), or when it lies
-    outside ``[cfg.scale_min, cfg.scale_max]``.
+    ``sqrt(source tissue px / target tissue px)`` (source pixels per target pixel). The
+    tissue's extents along both principal axes must scale alike (within ``agreement``,
+    relative): a section half missing or torn changes the area too, but not as a
+    magnification does. Returns ``None`` without both masks, when the estimates disagree,
+    when the scale is within a factor ``min_ratio`` of 1 (the working levels already share a
+    pixel size when the slides state theirs), or when it lies outside
+    ``[cfg.scale_min, cfg.scale_max]``.
     """
     if target_mask is None or source_mask is None:
         return None
     area_t, area_s = float(np.count_nonzero(target_mask)), float(np.count_nonzero(source_mask))
-    if area_t == 0 or area_s == 0:
+    if area_t < 16 or area_s < 16:
         return None
     scale = float(np.sqrt(area_s / area_t))
     if abs(np.log(scale)) < np.log(min_ratio) or not cfg.scale_min <= scale <= cfg.scale_max:
+        return None
+    spread_t, spread_s = _spread(target_mask), _spread(source_mask)
+    if np.any(spread_t <= 0):
+        return None
+    if np.any(np.abs(spread_s / spread_t / scale - 1.0) > agreement):
         return None
     return scale
 
@@ -252,7 +276,7 @@ def rotation_search(
         warped = warp_affine(s_small, m, t_small.shape)
         shift, _, _ = phase_cross_correlation(t_small, warped, normalization=None)
         # `shift` (dy, dx) moves `warped` onto the target: compose that translation
-        m2 = m @ np.array([[1, 0, -shift[1]], [0, 1, -shift[0]], [0, 0, 1.0]])
+        m2 = m @ translation(-shift[1], -shift[0])
         return _layout_score_small(t_small, s_small, tm_small, sm_small, m2), m2
 
     dn = _scale_matrix(f)
