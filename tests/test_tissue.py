@@ -17,7 +17,13 @@ from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.qc import tissue_figure
 from wsireg_flow.register import Prepared
 from wsireg_flow.synthetic import synthesize_pair
-from wsireg_flow.tissue import glass_level, optical_density, stained, tissue_mask
+from wsireg_flow.tissue import (
+    glass_level,
+    optical_density,
+    scanned_box,
+    stained,
+    tissue_mask,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FLAGSHIP = DATA / "extra-unlabeled" / "flagship_case001"
@@ -144,6 +150,17 @@ def test_wide_white_margin_does_not_make_the_whole_scan_tissue() -> None:
     assert 0.8 < alone.mean() < 0.9
     assert padded.mean() == pytest.approx(alone.mean(), abs=0.01)
     assert (alone & padded).sum() / (alone | padded).sum() > 0.98
+
+
+def test_scanned_box_is_the_box_of_pixels_that_are_not_exactly_white() -> None:
+    img = np.full((50, 80, 3), 255, np.uint8)
+    img[10:30, 20:60] = 240  # glass
+    img[12, 70] = (255, 255, 254)  # one scanned pixel, almost white
+    assert scanned_box(img) == (slice(10, 30), slice(20, 71))
+    assert scanned_box(np.full((5, 6, 3), 255, np.uint8)) == (slice(0, 5), slice(0, 6))
+    deep = np.full((5, 6, 1), 65535, np.uint16)
+    deep[1:3, 2:4] = 65534
+    assert scanned_box(deep) == (slice(1, 3), slice(2, 4))
 
 
 def test_16_bit_scan_masks_like_its_8_bit_version() -> None:

@@ -27,7 +27,7 @@ from wsireg_flow.field import (
     stitch,
     tile_boxes,
 )
-from wsireg_flow.geometry import rescale_affine, to_level0_affine
+from wsireg_flow.geometry import rescale_affine, to_level0_affine, translation
 from wsireg_flow.io.slide import Slide
 from wsireg_flow.nonrigid import TileJob, TileResult, register_tile, tile_weight
 from wsireg_flow.parallel import map_tasks
@@ -39,6 +39,7 @@ from wsireg_flow.tissue import (
     intensity_stats,
     normalized_intensity,
     optical_density,
+    scanned_box,
     tissue_mask,
 )
 from wsireg_flow.transform import Transform
@@ -174,10 +175,23 @@ def preprocess(target: Slide, source: Slide, cfg: Config) -> Prepared:
 def coarse(
     target: Slide, source: Slide, pre: Prepared, cfg: Config
 ) -> tuple[RigidResult, np.ndarray]:
-    """Coarse alignment; returns the result and its level-0 target->source affine (3x3)."""
-    t_int = normalized_intensity(_read_level(target, pre.target_level), pre.target_stats)
-    s_int = normalized_intensity(_read_level(source, pre.source_level), pre.source_stats)
-    rigid = coarse_alignment(t_int, s_int, pre.target_mask, pre.source_mask, cfg.rigid)
+    """Coarse alignment; returns the result and its level-0 target->source affine (3x3).
+
+    Each image is cropped to its scanned box first (:func:`scanned_box`): the straight edges
+    where a cut section meets white padding would otherwise pull both images into place at
+    the identity. The crop offsets are composed back into the matrix (x, y level px).
+    """
+    t_rgb = _read_level(target, pre.target_level)
+    s_rgb = _read_level(source, pre.source_level)
+    (ty, tx), (sy, sx) = scanned_box(t_rgb), scanned_box(s_rgb)
+    t_int = normalized_intensity(t_rgb[ty, tx], pre.target_stats)
+    s_int = normalized_intensity(s_rgb[sy, sx], pre.source_stats)
+    rigid = coarse_alignment(
+        t_int, s_int, pre.target_mask[ty, tx], pre.source_mask[sy, sx], cfg.rigid
+    )
+    rigid.matrix = (
+        translation(sx.start, sy.start) @ rigid.matrix @ translation(-tx.start, -ty.start)
+    )
     dt0, ds0 = target.downsamples[pre.target_level], source.downsamples[pre.source_level]
     return rigid, to_level0_affine(rigid.matrix, dt0, ds0)
 

@@ -117,6 +117,18 @@ def glass_level(rgb: np.ndarray, od: np.ndarray, below: float) -> GlassLevel | N
     return None if spread > 0.03 else GlassLevel(peak, spread)
 
 
+def scanned_box(rgb: np.ndarray) -> tuple[slice, slice]:
+    """(y, x) slices of the bounding box of the scanned pixels: those not exactly white in
+    every channel (white from :func:`white_level`). Exactly white padding outside that box
+    holds no data. The whole image when nothing was scanned."""
+    img = _channels(rgb)
+    scanned = img.min(axis=-1) < white_level(img.dtype)
+    rows, cols = np.flatnonzero(scanned.any(axis=1)), np.flatnonzero(scanned.any(axis=0))
+    if rows.size == 0:
+        return slice(0, img.shape[0]), slice(0, img.shape[1])
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 def tissue_mask(
     rgb: np.ndarray, min_area_fraction: float = 0.0005, closing_px: int = 3
 ) -> np.ndarray:
