@@ -258,9 +258,10 @@ def rotation_search(
     """Exhaustive rotation (and mirror) search at ``size`` px, translation by phase correlation.
 
     Every ``rotation_step_deg`` is tried, then the best angle is refined in 1-degree steps. The
-    search runs at scale 1 and, when the tissue areas differ by more than a factor 1.44 (slides
-    without a stated pixel size scanned at different magnifications), also at the scale the
-    areas imply (:func:`tissue_scale`); ECC refines the scale later. Candidates are scored by
+    search runs at scale 1 and, when the tissue areas differ by more than a factor 1.44 and its
+    extents scale alike (slides without a stated pixel size scanned at different
+    magnifications), also at the scale they imply (:func:`tissue_scale`); ECC refines the
+    scale later. Candidates are scored by
     blurred intensity and tissue-mask NCC at ``size`` px. Returns, for each scale and
     mirroring, the unrotated candidate and the best rotated one (when different): blurred
     layouts can prefer a wrong symmetric pose, so the caller decides after refinement.

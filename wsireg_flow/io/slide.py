@@ -284,7 +284,7 @@ def tiff_alpha(page: Any) -> str | None:
     """``"associated"`` (premultiplied) or ``"unassociated"`` when the page's last sample is an
     alpha channel (RGB + 1 or grey + 1 extra sample marked as alpha), else None."""
     extra = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ()))
-    colour = {1: 1, 0: 1, 2: 3}.get(int(getattr(page, "photometric", -1)))  # grey, RGB
+    colour = {1: 1, 2: 3}.get(int(getattr(page, "photometric", -1)))  # min-is-black grey, RGB
     if colour is None or len(extra) != 1 or int(page.samplesperpixel) != colour + 1:
         return None
     return {1: "associated", 2: "unassociated"}.get(extra[0])
