@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from wsireg_flow.landmarks import read_landmarks
 from wsireg_flow.pipeline import PAIR_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +74,29 @@ def test_prefect_overhead_benchmark_runs_the_pair_three_ways(tmp_path: Path) -> 
     assert doc["overhead_cold_s"] == pytest.approx(doc["flow_cold_s"] - doc["library_s"], abs=0.02)
     assert doc["overhead_warm_s"] == pytest.approx(doc["flow_warm_s"] - doc["library_s"], abs=0.02)
     assert doc["stages"] == len(PAIR_STAGES)
+
+
+def test_resized_sources_benchmark_recovers_the_scale(tmp_path: Path) -> None:
+    """One ANHIR pair (lung lesion 3, CD31 <- CC10) with its source 1.7x larger and no pixel
+    size: the JSON records the coarse scale found and the rTRE the README quotes."""
+    dataset = ROOT / "data" / "anhir-sample"
+    lines = (dataset / "dataset.csv").read_text().splitlines()
+    table = tmp_path / "one-pair.csv"
+    table.write_text("\n".join([lines[0], lines[3]]) + "\n")  # header + pair 2
+    out = tmp_path / "out"
+    r = _run_module(
+        "benchmarks_anhir.resized_sources",
+        *("--dataset", str(dataset), "--pairs", str(table), "--out", str(out)),
+        *("--factors", "1.7"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "resized-sources.json").read_text())
+    (rec,) = summary["runs"]
+    assert rec["pair"] == "2" and rec["factor"] == 1.7
+    assert rec["coarse_scale"] == pytest.approx(1.7, abs=0.05)
+    assert rec["initial_median_rtre"] > 0.3 and rec["median_rtre"] < 0.006  # measured 0.0041
+    assert summary["x1.7"]["improved"] == 1
+    src = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
+    orig = read_landmarks(src / "29-041-Izd2-w35-Cc10-5-les3.csv")
+    moved = read_landmarks(out / "pair-2" / "x1.7" / "inputs" / "source.csv")
+    np.testing.assert_allclose(moved, (orig + 0.5) * 1.7 - 0.5, atol=1e-6)
