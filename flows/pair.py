@@ -23,6 +23,7 @@ from wsireg_flow.pipeline import (
     run_pair_stage,
 )
 from wsireg_flow.progress import ProgressFn
+from wsireg_flow.stages import run_dir_lock
 
 
 @task(name="pair-stage", task_run_name="{name}", **STAGE_TASK_OPTIONS)
@@ -50,12 +51,13 @@ def register_pair(
     """Register a pair; returns {stage: ran}. The Dask cluster comes from ``job.cfg.dask``."""
     check_inputs(job)
     created = not job.run_dir.exists()
-    prepare_run_dir(job, overwrite)
-    try:
-        with dask_scheduler(job.cfg.dask) as scheduler:
-            return run_stages(job, scheduler, flow_progress(echo))
-    except BaseException:
-        # nothing completed in a directory this run created: leave nothing behind
-        if created and not any((job.run_dir / ".stages").glob("*.json")):
-            shutil.rmtree(job.run_dir, ignore_errors=True)
-        raise
+    with run_dir_lock(job.run_dir):
+        prepare_run_dir(job, overwrite)
+        try:
+            with dask_scheduler(job.cfg.dask) as scheduler:
+                return run_stages(job, scheduler, flow_progress(echo))
+        except BaseException:
+            # nothing completed in a directory this run created: leave nothing behind
+            if created and not any((job.run_dir / ".stages").glob("*.json")):
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+            raise

@@ -27,6 +27,7 @@ from wsireg_flow.stack import (
     stack_report,
     warp_section,
 )
+from wsireg_flow.stages import run_dir_lock
 
 
 @task(name="stack-section", task_run_name="warp-{k}", **STAGE_TASK_OPTIONS)
@@ -87,27 +88,31 @@ def register_stack(
     """Register a stack of sections to its reference; returns stage counts and metrics."""
     job.validate()
     created = not job.run_dir.exists()
-    prepare_stack_dir(job, overwrite)
-    progress = flow_progress(echo)
+    with run_dir_lock(job.run_dir):
+        prepare_stack_dir(job, overwrite)
+        try:
+            return _run_stack(job, flow_progress(echo))
+        except BaseException:
+            if created and not any(job.run_dir.rglob(".stages/*.json")):
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+            raise
+
+
+def _run_stack(job: StackJob, progress: ProgressFn) -> dict[str, Any]:
     ran: dict[str, bool] = {}
-    try:
-        with dask_scheduler(job.cfg.dask) as scheduler:
-            jobs = job.pair_jobs()
+    with dask_scheduler(job.cfg.dask) as scheduler:
+        jobs = job.pair_jobs()
+        for pj in jobs:
+            check_inputs(pj)
+            prepare_run_dir(pj)
+        # one pair left to do gains nothing from a worker of its own: its tiles use them all
+        if isinstance(scheduler, str) or len(pairs_left(job)) < 2:
             for pj in jobs:
-                check_inputs(pj)
-                prepare_run_dir(pj)
-            # one pair left to do gains nothing from a worker of its own: its tiles use them all
-            if isinstance(scheduler, str) or len(pairs_left(job)) < 2:
-                for pj in jobs:
-                    for name in PAIR_STAGES_FOR_STACK:
-                        ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)
-                for k in range(len(job.sections)):
-                    ran[f"section-{job.name(k)}"] = section_task(job, k, progress)
-            else:
-                ran.update(on_cluster(job, jobs, resolve_scheduler(scheduler), progress))
-        ran["report"], metrics = stack_report_task(job)
-    except BaseException:
-        if created and not any(job.run_dir.rglob(".stages/*.json")):
-            shutil.rmtree(job.run_dir, ignore_errors=True)
-        raise
+                for name in PAIR_STAGES_FOR_STACK:
+                    ran[f"{pj.run_dir.name}/{name}"] = pair_stage(pj, name, scheduler, progress)
+            for k in range(len(job.sections)):
+                ran[f"section-{job.name(k)}"] = section_task(job, k, progress)
+        else:
+            ran.update(on_cluster(job, jobs, resolve_scheduler(scheduler), progress))
+    ran["report"], metrics = stack_report_task(job)
     return {"ran": ran, "metrics": metrics}

@@ -76,7 +76,7 @@ OUTSIDE_ROWS = list(range(5, N_LANDMARKS, 10))  # 8 source landmarks moved far o
 OUTSIDE_XY = (1.0e6, -5.0e5)
 FIRST_STAGES = ["ingest_target", "ingest_source", "preprocess", "coarse"]
 LATER_STAGES = ["nonrigid", "stitch", "warp", "evaluate", "qc"]
-TEMP_NAME = re.compile(r"\.tmp$|\.partial-|\.old-")
+TEMP_NAME = re.compile(r"\.tmp$|\.partial$|\.partial-|\.old-")
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsireg_flow.errors import InputError
+from wsireg_flow.stages import temp_sibling
 from wsireg_flow.transform import Transform
 
 Direction = Literal["source-to-target", "target-to-source"]
@@ -128,7 +129,7 @@ def warp_geojson_file(
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputError(f"not valid GeoJSON ({type(exc).__name__}: {exc})", p) from None
     o = Path(out)
-    tmp = o.with_name(f".{o.name}.partial")
+    tmp = temp_sibling(o)
     tmp.write_text(json.dumps(warped))
     os.replace(tmp, o)
     return o

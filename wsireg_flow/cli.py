@@ -11,8 +11,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from wsireg_flow.config import (
     load_config,
 )
 from wsireg_flow.errors import ConfigError, InputError, WsiregError
+from wsireg_flow.stages import check_unlocked, check_writable_dir
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -171,6 +175,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         landmarks = None if landmarks is None else [landmarks[k] for k in order]
     job = StackJob(sections, args.out, cfg, args.reference, landmarks)
     job.validate()
+    check_writable_dir(args.out)
+    check_unlocked(args.out)
     if not args.overwrite and stack_is_complete(job):
         # a finished stack with unchanged inputs and settings: nothing to orchestrate
         metrics = json.loads((args.out / "metrics.json").read_text())
@@ -220,6 +226,7 @@ def cmd_anhir(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"must be at least 1, got {args.limit}", "--limit")
     where = (args.dataset, args.pairs, args.out, cfg)
+    check_writable_dir(args.out)
     if benchmark_is_complete(*where, args.status, args.limit):
         # every pair finished with unchanged inputs and settings: rescore, no orchestration
         summary = run_benchmark(*where, status=args.status, limit=args.limit)
@@ -460,6 +467,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that may run Prefect flows: on Ctrl-C the temporary Prefect server (same process
+# group) dies too, and the client would spend about 70 s retrying it before failing
+ORCHESTRATED = frozenset({"register", "stack", "anhir", "serve"})
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextmanager
+def _interrupts(command: str) -> Iterator[None]:
+    """How SIGINT (Ctrl-C) and SIGTERM stop a command.
+
+    Orchestrated commands stop at once: one line on stderr, child processes (the temporary
+    Prefect server, Dask workers) terminated, exit status 128 + signal. Every stage writes
+    its outputs under temporary names and renames them when complete, so a re-run resumes
+    from the last finished stage. Other commands turn SIGTERM into the KeyboardInterrupt of
+    Ctrl-C, so their clean-up (partial outputs removed) runs as it does for Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop_now(signum: int, frame: object) -> None:
+        print(
+            "wsireg-flow: interrupted (run the same command again to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        os._exit(128 + signum)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if command in ORCHESTRATED:
+        signal.signal(signal.SIGINT, stop_now)
+        signal.signal(signal.SIGTERM, stop_now)
+    else:
+        signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 1 failure)."""
     parser = build_parser()
@@ -478,7 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         logging.getLogger("distributed").setLevel(logging.WARNING)  # if already imported
     try:
-        return int(args.func(args) or 0)
+        with _interrupts(args.command):
+            return int(args.func(args) or 0)
     except WsiregError as exc:
         if args.debug:
             raise

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +62,20 @@ from wsireg_flow.register import (
     preprocess,
     stitch_level,
 )
-from wsireg_flow.stages import file_fingerprint, fingerprint, is_complete, run_stage
+from wsireg_flow.stages import (
+    check_unlocked,
+    check_writable_dir,
+    drop_stale,
+    empty_run_dir,
+    file_fingerprint,
+    fingerprint,
+    holds_results,
+    is_complete,
+    remove_partials,
+    run_dir_lock,
+    run_stage,
+    temp_sibling,
+)
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
 
@@ -86,7 +98,7 @@ PAIR_STAGES = (
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp = temp_sibling(path)
     tmp.write_text(json.dumps(data, indent=2, default=_default))
     os.replace(tmp, path)
 
@@ -198,16 +210,14 @@ class PairJob:
     _fps: dict[str, str] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        """The job's inputs as JSON-ready text (what ``job.json`` records)."""
+        """The job's inputs as JSON-ready text (what ``job.json`` records), with paths resolved
+        (absolute, symlinks followed) as the stage fingerprints see them: the same job typed
+        with relative paths, or from another directory, is the same job."""
         return {
-            "target": str(self.target),
-            "source": str(self.source),
-            "target_landmarks": None
-            if self.target_landmarks is None
-            else str(self.target_landmarks),
-            "source_landmarks": None
-            if self.source_landmarks is None
-            else str(self.source_landmarks),
+            "target": _resolved(self.target),
+            "source": _resolved(self.source),
+            "target_landmarks": _resolved(self.target_landmarks),
+            "source_landmarks": _resolved(self.source_landmarks),
             "diagonal": self.diagonal,
         }
 
@@ -251,9 +261,12 @@ class PairJob:
 
 
 def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
-    """Refuse (before any work) a run directory that holds another job, unless ``overwrite``."""
+    """Refuse (before any work) a run directory that cannot be written, that another run is
+    writing now, or that holds another job (unless ``overwrite``)."""
     d = job.run_dir
-    if overwrite or not d.exists() or not any(d.iterdir()):
+    check_writable_dir(d)
+    check_unlocked(d)
+    if overwrite or not holds_results(d):
         return
     job_file = d / "job.json"
     try:
@@ -267,27 +280,43 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
 
 
 def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
-    """Create the run directory, or check that an existing one holds the same job.
+    """Create the run directory, or check that an existing one holds the same job (call with
+    :func:`~wsireg_flow.stages.run_dir_lock` held).
 
     An existing directory with a different job (other inputs) is refused unless ``overwrite``,
-    which then empties it. The same job resumes: complete stages are skipped.
+    which then empties it. The same job resumes: complete stages are skipped; the temporary
+    outputs an interrupted run left are deleted, and so are the outputs of stages whose
+    settings changed (until they run again the directory must not look complete).
     """
     d = job.run_dir
     desc = job.describe()
     job_file = d / "job.json"
-    if d.exists() and any(d.iterdir()):
+    if holds_results(d):
         same = job_file.is_file() and _same_job(json.loads(job_file.read_text()), desc)
         if not same and not overwrite:
             raise WsiregError(
                 "run directory exists and holds other results (use --overwrite to replace it)", d
             )
         if overwrite:
-            shutil.rmtree(d)
+            empty_run_dir(d)
+        else:
+            remove_partials(d)
+            drop_stale(d, job.fingerprints())
     d.mkdir(parents=True, exist_ok=True)
     write_json(job_file, {**desc, "config": job.cfg.model_dump(mode="json")})
 
 
+def _resolved(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+_PATH_KEYS = ("target", "source", "target_landmarks", "source_landmarks")
+
+
 def _same_job(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a recorded ``job.json`` describes the ``new`` job (paths compared resolved:
+    records written before paths were resolved hold them as typed)."""
+    old = {k: _resolved(v) if k in _PATH_KEYS else v for k, v in old.items()}
     return all(old.get(k) == v for k, v in new.items())
 
 
@@ -758,5 +787,6 @@ def run_pair(
     """Run ``stages`` (default: every stage) of ``job`` in order, without Prefect; returns
     {stage: ran}."""
     check_inputs(job)
-    prepare_run_dir(job, overwrite)
-    return {name: run_pair_stage(job, name, scheduler, progress) for name in stages}
+    with run_dir_lock(job.run_dir):
+        prepare_run_dir(job, overwrite)
+        return {name: run_pair_stage(job, name, scheduler, progress) for name in stages}

@@ -19,6 +19,7 @@ import numpy as np
 
 from wsireg_flow.io.slide import Slide
 from wsireg_flow.pyramid import level_for_max_side
+from wsireg_flow.stages import temp_sibling
 from wsireg_flow.tissue import optical_density, white_level
 
 
@@ -237,7 +238,7 @@ def html_report(
     parts.append(_CHECK_SCRIPT + "</body></html>")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.partial")
+    tmp = temp_sibling(p)
     tmp.write_text("\n".join(parts), encoding="utf-8")
     os.replace(tmp, p)
     return p

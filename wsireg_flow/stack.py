@@ -34,7 +34,14 @@ from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_
 from wsireg_flow.pipeline import PairJob, job_is_complete, registration_quality, write_json
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, overlay, preview, save_figure
-from wsireg_flow.stages import fingerprint, is_complete, run_stage
+from wsireg_flow.stages import (
+    empty_run_dir,
+    fingerprint,
+    holds_results,
+    is_complete,
+    remove_partials,
+    run_stage,
+)
 from wsireg_flow.transform import Transform, TransformChain
 from wsireg_flow.warp import warp_slide
 
@@ -149,18 +156,24 @@ class StackJob:
         return fingerprint(
             "stack-section",
             k,
-            str(self.sections[k]),
+            str(self.sections[k].resolve()),
             fps,
             self.cfg.io.model_dump(mode="json"),
-            None if not self.landmarks else str(self.landmarks[k]),
+            None if not self.landmarks else str(Path(self.landmarks[k]).resolve()),
         )
 
 
+def _resolved(paths: Sequence[str | os.PathLike[str]] | None) -> list[str] | None:
+    return None if paths is None else [str(Path(p).resolve()) for p in paths]
+
+
 def _describe(job: StackJob) -> dict[str, Any]:
+    """What ``stack.json`` records: paths resolved, so the same stack typed with relative
+    paths, or from another directory, is the same stack."""
     return {
-        "sections": [str(p) for p in job.sections],
+        "sections": _resolved(job.sections),
         "reference": job.ref,
-        "landmarks": None if job.landmarks is None else [str(p) for p in job.landmarks],
+        "landmarks": _resolved(job.landmarks),
     }
 
 
@@ -170,23 +183,29 @@ def _holds_this_stack(job: StackJob) -> bool:
         old = json.loads(f.read_text()) if f.is_file() else None
     except (OSError, ValueError):
         return False
-    return isinstance(old, dict) and all(old.get(k) == v for k, v in _describe(job).items())
+    if not isinstance(old, dict):
+        return False
+    # records written before paths were resolved hold them as typed
+    old = {k: _resolved(v) if k in ("sections", "landmarks") else v for k, v in old.items()}
+    return all(old.get(k) == v for k, v in _describe(job).items())
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     """Create the stack run directory and ``stack.json``; refuse one holding another stack
-    unless ``overwrite`` (which empties it first)."""
+    unless ``overwrite`` (which empties it first). Call with
+    :func:`~wsireg_flow.stages.run_dir_lock` held: resuming deletes the temporary outputs an
+    interrupted run left."""
     d = job.run_dir
     desc = _describe(job)
     f = d / "stack.json"
-    if d.exists() and any(d.iterdir()):
+    if holds_results(d):
         same = _holds_this_stack(job)
         if not same and not overwrite:
             raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
         if overwrite:
-            import shutil
-
-            shutil.rmtree(d)
+            empty_run_dir(d)
+        else:
+            remove_partials(d)
     d.mkdir(parents=True, exist_ok=True)
     write_json(f, {**desc, "config": job.cfg.model_dump(mode="json")})
 

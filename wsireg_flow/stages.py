@@ -12,15 +12,150 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wsireg_flow import __version__
+from wsireg_flow.errors import WsiregError
 
 MARKER_DIR = ".stages"
+LOCK_NAME = ".wsireg.lock"
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory (created if missing) while the block runs.
+
+    The lock is ``flock`` on ``RUN/.wsireg.lock``: the system releases it when the process
+    ends, however it ends (even SIGKILL), so a stale lock cannot block a later run. Without
+    ``fcntl`` (Windows) runs are not locked.
+
+    Raises
+    ------
+    WsiregError
+        When another process holds the lock (a run writing to this directory now).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WsiregError(
+                "another wsireg-flow run is writing to this run directory (wait for it to "
+                "finish, or choose another --out)",
+                run_dir,
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Raise the error of :func:`run_dir_lock` when a run holds ``run_dir`` now (no lock is
+    kept; nothing is created)."""
+    if (run_dir / LOCK_NAME).is_file():
+        with run_dir_lock(run_dir):
+            pass
+
+
+def check_writable_dir(path: Path) -> None:
+    """Refuse, before any work, an output directory that is a file or cannot be created.
+
+    Raises
+    ------
+    WsiregError
+        When ``path`` exists and is not a directory, or its nearest existing ancestor (itself
+        when it exists) is not a writable directory.
+    """
+    if path.exists() and not path.is_dir():
+        raise WsiregError("exists and is not a directory", path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WsiregError(f"cannot create a directory under {existing}: not a directory", path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WsiregError(f"cannot write here: {existing} is not writable", path)
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether ``run_dir`` exists and holds anything besides its lock file."""
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+def empty_run_dir(run_dir: Path) -> None:
+    """Remove everything in ``run_dir`` except its lock file (held by the caller)."""
+    for p in run_dir.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def temp_sibling(path: Path, kind: str = "partial") -> Path:
+    """A unique hidden temporary name next to ``path`` (``.NAME.XXXXXXXX.partial``), where an
+    output is written before its rename. Long names are shortened to 200 bytes so the
+    temporary name stays within the 255-byte limit of file systems (``path`` itself fits)."""
+    stem = path.name.encode()[:200].decode(errors="ignore")
+    return path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def is_partial(name: str) -> bool:
+    """Whether a file or directory name is a temporary output (hidden, ``.partial`` or
+    ``.tmp``): what a write interrupted before its rename leaves behind."""
+    return name.startswith(".") and (".partial" in name or ".tmp" in name)
+
+
+def remove_partials(run_dir: Path) -> list[Path]:
+    """Delete the temporary outputs that interrupted runs left anywhere under ``run_dir``
+    (call with the run's lock held, so no live writer owns them); returns what was removed."""
+    found = [p for p in run_dir.rglob(".*") if is_partial(p.name)]
+    removed = []
+    for p in sorted(found, key=lambda q: len(q.parts)):
+        if not p.exists():  # inside a partial directory removed above
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def drop_stale(run_dir: Path, fingerprints: Mapping[str, str]) -> list[str]:
+    """Remove the outputs and markers of stages whose recorded fingerprint differs from
+    ``fingerprints`` (settings or inputs changed): until they run again the directory must not
+    look complete with results of the old settings. Returns the stages dropped."""
+    dropped = []
+    for name, fp in fingerprints.items():
+        rec = read_record(run_dir, name)
+        if rec is None or rec.fingerprint == fp:
+            continue
+        for out in rec.outputs:
+            p = run_dir / out
+            if run_dir.resolve() not in p.resolve().parents:  # only what lies inside the run
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        invalidate(run_dir, name)
+        dropped.append(name)
+    return dropped
 
 
 def fingerprint(*parts: Any) -> str:

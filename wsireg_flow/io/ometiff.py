@@ -20,6 +20,7 @@ import tifffile
 from wsireg_flow.errors import WsiregError
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.progress import ProgressFn
+from wsireg_flow.stages import temp_sibling
 
 
 def _tiles(
@@ -86,7 +87,7 @@ def export_ome_tiff(
         metadata.update(
             PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm"
         )
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = temp_sibling(out)
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for k in range(len(slide.levels)):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +41,7 @@ from wsireg_flow.io.slide import Slide, _YXCView
 from wsireg_flow.io.zarrchunks import ChunkedV2Array
 from wsireg_flow.progress import DaskProgress, ProgressFn
 from wsireg_flow.pyramid import downsample2_cyx, pyramid_shapes
+from wsireg_flow.stages import temp_sibling
 
 NGFF_VERSION = "0.4"
 
@@ -132,14 +132,14 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise WsiregError("output exists (use --overwrite to replace it)", out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(out)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        trash = temp_sibling(out, "old.partial")
         os.replace(out, trash)
         os.replace(tmp, out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""Operating the pipeline: interrupting and resuming runs, two runs on one directory, leftovers
+of interrupted writes, changed settings, output paths that cannot be written.
+
+The signal tests run the command line in its own process session, as a terminal does, and
+send Ctrl-C to the whole session (the temporary Prefect server included) or SIGTERM to the
+command alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wsireg_flow.cli import main
+from wsireg_flow.config import Config
+from wsireg_flow.errors import WsiregError
+from wsireg_flow.pipeline import PairJob, prepare_run_dir, run_pair
+from wsireg_flow.stages import (
+    LOCK_NAME,
+    is_complete,
+    is_partial,
+    read_record,
+    run_dir_lock,
+    temp_sibling,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
+TARGET = CASE / "29-041-Izd2-w35-CD31-3-les3.jpg"
+SOURCE = CASE / "29-041-Izd2-w35-He-les3.jpg"
+
+
+def _register_cmd(out: Path, target: Path = TARGET, source: Path = SOURCE) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "wsireg_flow.cli",
+        "register",
+        str(target),
+        str(source),
+        "--out",
+        str(out),
+        "--scheduler",
+        "threads",
+        "--quiet",
+    ]
+
+
+def _alive_in_session(sid: int) -> list[str]:
+    """Processes of session ``sid`` that are still running (zombies are dead already)."""
+    ps = subprocess.run(
+        ["ps", "-o", "stat=,args=", "-s", str(sid)], capture_output=True, text=True, check=False
+    )
+    return [line for line in ps.stdout.splitlines() if line.strip() and line.split()[0][0] != "Z"]
+
+
+def _interrupt(out: Path, how: str) -> tuple[int, str, float, list[str]]:
+    """Start ``register`` into ``out``, signal it once its first stage runs; returns the exit
+    status, stderr, seconds from signal to exit, and what still runs in its session."""
+    p = subprocess.Popen(
+        _register_cmd(out), stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=ROOT
+    )
+    t0 = time.monotonic()
+    while not (out / "ingest").exists() and time.monotonic() - t0 < 120:
+        time.sleep(0.1)
+    assert (out / "ingest").exists(), "the run never started its first stage"
+    time.sleep(1.0)
+    sent = time.monotonic()
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    else:
+        os.kill(p.pid, signal.SIGTERM)  # a scheduler or `kill`: the command only
+    _, err = p.communicate(timeout=120)
+    took = time.monotonic() - sent
+    time.sleep(1.0)
+    return p.returncode, err, took, _alive_in_session(p.pid)
+
+
+def test_ctrl_c_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """Ctrl-C also kills the temporary Prefect server (same process group): the client used
+    to retry it for about 70 s and end with a ConnectError, exit 1."""
+    out = tmp_path / "run"
+    code, err, took, alive = _interrupt(out, "ctrl-c")
+    print(f"\nCtrl-C: exit {code} after {took:.1f} s: {err.strip()}")
+    assert code == 130 and took < 10
+    assert err.strip().splitlines() == [
+        "wsireg-flow: interrupted (run the same command again to resume)"
+    ]
+    assert alive == []
+    # the same job typed with relative paths, from the repository: resumed, not refused
+    rel = _register_cmd(out, TARGET.relative_to(ROOT), SOURCE.relative_to(ROOT))
+    r = subprocess.run(rel, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "ingest_target" not in summary["stages_run"] and "qc" in summary["stages_run"]
+    assert not [p for p in out.rglob(".*") if is_partial(p.name)]
+
+
+def test_sigterm_stops_the_command_and_its_prefect_server(tmp_path: Path) -> None:
+    """SIGTERM used to kill the command silently (exit 143) and leave the temporary Prefect
+    server running as an orphan (about 230 MB, indefinitely)."""
+    code, err, took, alive = _interrupt(tmp_path / "run", "term")
+    print(f"\nSIGTERM: exit {code} after {took:.1f} s, still running: {alive}")
+    assert code == 143 and took < 10
+    assert "interrupted" in err
+    assert alive == []
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> PairJob:
+    job = PairJob(TARGET, SOURCE, tmp_path_factory.mktemp("ops") / "run", Config())
+    run_pair(job)
+    return job
+
+
+def test_a_second_run_into_a_busy_run_directory_is_refused(finished: PairJob) -> None:
+    """Two runs into one directory used to both do the full work, or (with --overwrite)
+    destroy each other's outputs and leave a directory that could not be resumed."""
+    with run_dir_lock(finished.run_dir):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            argv = _register_cmd(finished.run_dir)[3:]
+            assert main([*argv, "--overwrite"]) == 2
+        with pytest.raises(WsiregError, match="another wsireg-flow run is writing"):
+            run_pair(finished)
+    assert stderr.getvalue().count("\n") == 1
+    assert "another wsireg-flow run is writing to this run directory" in stderr.getvalue()
+    with run_dir_lock(finished.run_dir):  # released: free again
+        pass
+    assert (finished.run_dir / LOCK_NAME).is_file()
+
+
+def test_resume_deletes_what_interrupted_writes_left(finished: PairJob) -> None:
+    """Temporary outputs of killed runs used to stay for good (a partial warped pyramid grows
+    with the slide), even after a successful resume."""
+    d = finished.run_dir
+    left = [
+        temp_sibling(d / "warped.zarr"),
+        temp_sibling(d / "ingest" / "source.zarr"),
+        d / "nonrigid" / ".tiles.npz.3f2a91.tmp",
+        d / ".warped.zarr.partial-7b0a4235",  # the names older versions wrote
+    ]
+    for p in left[:2]:
+        (p / "0").mkdir(parents=True)
+        (p / "0" / "chunk").write_bytes(b"x" * 100)
+    for p in left[2:]:
+        p.write_bytes(b"x")
+    with run_dir_lock(d):
+        prepare_run_dir(finished)
+    assert not any(p.exists() for p in left)
+    assert all(is_complete(d, name, fp) for name, fp in finished.fingerprints().items())
+
+
+def test_changed_settings_drop_the_stale_results_before_running(finished: PairJob) -> None:
+    """A re-run with a new setting killed mid-way left the old metrics, warped image and
+    report next to a job.json with the new settings: the directory looked complete."""
+    cfg = Config()
+    cfg.nonrigid.smooth_sigma = cfg.nonrigid.smooth_sigma + 2.0
+    changed = PairJob(finished.target, finished.source, finished.run_dir, cfg)
+    with run_dir_lock(changed.run_dir):
+        prepare_run_dir(changed)
+    d = changed.run_dir
+    for name in ("ingest_target", "ingest_source", "preprocess", "coarse", "nonrigid"):
+        assert is_complete(d, name, changed.fingerprints()[name]), name
+    for name in ("stitch", "warp", "evaluate", "qc"):
+        assert read_record(d, name) is None, name
+    assert not (d / "warped.zarr").exists() and not (d / "metrics.json").exists()
+    assert not (d / "qc").exists() or not any((d / "qc").iterdir())  # report and figures gone
+    assert (d / "coarse.json").exists() and (d / "ingest" / "target.zarr").exists()
+
+
+def test_out_that_is_a_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    """--out naming an existing file gave NotADirectoryError (exit 1) after Prefect started."""
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me\n")
+    for out, problem in ((f, "exists and is not a directory"), (f / "run", "not a directory")):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            assert main([*_register_cmd(out)[3:]]) == 2
+        assert stderr.getvalue().count("\n") == 1 and problem in stderr.getvalue()
+    assert f.read_text() == "keep me\n"
+
+
+def test_temporary_names_of_long_outputs_stay_within_255_bytes(tmp_path: Path) -> None:
+    """Sections with 242-character names registered, then the stack failed at its end with
+    'File name too long' for the temporary name of a warped section."""
+    for name in ("s" * 242 + ".zarr", "é" * 120 + ".zarr"):
+        tmp = temp_sibling(tmp_path / name)
+        assert len(tmp.name.encode()) <= 255 and is_partial(tmp.name)
+        tmp.mkdir()  # the file system accepts it
+    assert temp_sibling(tmp_path / "a.zarr") != temp_sibling(tmp_path / "a.zarr")
