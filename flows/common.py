@@ -7,14 +7,15 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
-from wsireg_flow.errors import WsiregError
+from wsireg_flow.errors import WsiregError, output_error
 from wsireg_flow.progress import ProgressFn
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is a user error (bad input or config): those never heal."""
+    """Retry unless the failure is a user error (bad input or config) or an output that
+    cannot be written (disk full, read-only, no permission): those never heal by retrying."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, WsiregError)
+    return not isinstance(exc, WsiregError) and output_error(exc) is None
 
 
 # Options of every stage-like task: retry transient failures twice, user errors never; no

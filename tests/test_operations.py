@@ -9,6 +9,7 @@ command alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -198,3 +199,40 @@ def test_temporary_names_of_long_outputs_stay_within_255_bytes(tmp_path: Path) -
         assert len(tmp.name.encode()) <= 255 and is_partial(tmp.name)
         tmp.mkdir()  # the file system accepts it
     assert temp_sibling(tmp_path / "a.zarr") != temp_sibling(tmp_path / "a.zarr")
+
+
+def test_a_full_disk_is_reported_as_such_not_as_a_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingesting onto a full disk said '<input slide>: cannot read pixel data (OSError:
+    [Errno 28] ...)', exit 2: it blamed the input. Later stages gave a bare OSError (exit 1)
+    after two pointless retries."""
+    import wsireg_flow.io.omezarr as omezarr
+    from flows.common import transient_only
+
+    out = tmp_path / "out.zarr"
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "0" / "c" / "0"))
+
+    monkeypatch.setattr(omezarr, "write_ngff_pyramid", full)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["ingest", str(TARGET), "--out", str(out), "--quiet"]) == 2
+    line = stderr.getvalue().strip()
+    assert (
+        line
+        == f"wsireg-flow: error: {out / '0' / 'c' / '0'}: cannot write (No space left on device)"
+    )
+    assert str(TARGET) not in line
+
+    class State:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def result(self, raise_on_failure: bool = True) -> BaseException:
+            return self.exc
+
+    assert not transient_only(None, None, State(OSError(errno.ENOSPC, "No space left")))
+    assert not transient_only(None, None, State(PermissionError(errno.EACCES, "Permission")))
+    assert transient_only(None, None, State(ConnectionResetError(errno.ECONNRESET, "reset")))

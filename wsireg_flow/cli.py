@@ -29,7 +29,7 @@ from wsireg_flow.config import (
     is_scheduler,
     load_config,
 )
-from wsireg_flow.errors import ConfigError, InputError, WsiregError
+from wsireg_flow.errors import ConfigError, InputError, WsiregError, output_error
 from wsireg_flow.stages import check_unlocked, check_writable_dir
 
 Handler = Callable[[argparse.Namespace], int]
@@ -570,6 +570,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        failed_write = output_error(exc)
+        if failed_write is not None:  # disk full, read-only, no permission: say where
+            print(f"wsireg-flow: error: {failed_write}", file=sys.stderr)
+            return 2
         first = (str(exc).strip().splitlines() or [""])[0]
         print(
             f"wsireg-flow: error: {type(exc).__name__}: {first} (run with --debug for details)",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+
+# errors of writing that no retry heals: disk full, quota, read-only file system, permission
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class WsiregError(Exception):
@@ -27,3 +31,23 @@ class ConfigError(WsiregError):
 
 class RegistrationError(WsiregError):
     """A registration step failed or produced an implausible result."""
+
+
+class OutputError(WsiregError):
+    """An output cannot be written: disk full, quota exceeded, read-only, no permission."""
+
+
+def output_error(exc: BaseException) -> OutputError | None:
+    """The :class:`OutputError` behind ``exc`` (itself, its cause or its context: an
+    ``OSError`` with an errno of :data:`OUTPUT_ERRNOS`), naming the file it was writing; else
+    None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OutputError):
+            return e
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+            return OutputError(f"cannot write ({e.strerror})", e.filename)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

@@ -36,7 +36,7 @@ import zarr
 from dask.system import CPU_COUNT
 from dask.threaded import ContextAwareThreadPoolExecutor
 
-from wsireg_flow.errors import InputError, WsiregError
+from wsireg_flow.errors import InputError, WsiregError, output_error
 from wsireg_flow.io.slide import Slide, _YXCView
 from wsireg_flow.io.zarrchunks import ChunkedV2Array
 from wsireg_flow.progress import DaskProgress, ProgressFn
@@ -333,6 +333,9 @@ def ingest(
     except WsiregError:
         raise
     except Exception as exc:  # decoder errors surface while the chunks are computed
+        failed_write = output_error(exc)
+        if failed_write is not None:  # disk full or read-only: not the input's fault
+            raise failed_write from exc
         raise InputError(
             f"cannot read pixel data ({type(exc).__name__}: {exc})", slide.path
         ) from exc
