@@ -4,13 +4,22 @@
 -> moved to ``INBOX/done/`` (with ``<name>.result.json``) or ``INBOX/failed/`` (with
 ``<name>.reason.txt``, one line). Run directories go to ``RUNS/<manifest name>/``. Manifest
 paths are relative to the data root and cannot leave it.
+
+One runner at a time works on an inbox: it holds an exclusive lock on ``INBOX/.inbox.lock``
+while it runs (another runner finds the inbox busy and returns). The kernel releases the lock
+when its holder dies, however it dies, so a manifest found in ``processing/`` by the next runner
+was stranded by an interrupted run: it is queued again, and its run directory resumes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,78 @@ from wsireg_flow.pipeline import PairJob
 from wsireg_flow.stack import StackJob, collect_sections
 
 SUBDIRS = ("processing", "done", "failed")
+LOCK_NAME = ".inbox.lock"
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+@contextmanager
+def inbox_lock(box: Path) -> Iterator[bool]:
+    """Hold the inbox's exclusive lock for the block, when no other runner holds it.
+
+    The lock is an ``flock`` on ``box/.inbox.lock`` (created when missing, never removed), so it
+    dies with the process that holds it, even one killed by SIGKILL.
+
+    Parameters
+    ----------
+    box
+        The inbox folder (must exist).
+
+    Yields
+    ------
+    bool
+        True when this runner holds the lock, False when another one does (then the block must
+        leave the inbox alone).
+    """
+    fd = os.open(box / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for people: who is processing the inbox
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def requeue_stranded(box: Path, logger: Logger) -> list[str]:
+    """Move the manifests an interrupted run left in ``processing/`` back into the inbox.
+
+    Call only while holding :func:`inbox_lock`: then no live runner is working on them. A
+    manifest dropped again under the same name since then wins over the stranded copy.
+
+    Parameters
+    ----------
+    box
+        The inbox folder.
+    logger
+        Where to say which manifests were queued again.
+
+    Returns
+    -------
+    list of str
+        The names of the manifests queued again.
+    """
+    queued = []
+    for stranded in sorted((box / "processing").glob("*.y*ml")):
+        again = box / stranded.name
+        if again.exists():
+            stranded.unlink()
+            logger.warning(
+                "job %s: a run was interrupted; the manifest dropped since replaces it",
+                stranded.name,
+            )
+            continue
+        os.replace(stranded, again)
+        logger.warning(
+            "job %s: a run was interrupted; queued again (finished stages are kept)",
+            stranded.name,
+        )
+        queued.append(stranded.name)
+    return queued
 
 
 def claim(manifest: Path) -> Path | None:
@@ -72,6 +153,49 @@ def run_manifest(
     return {"kind": "stack", "out": str(out), "metrics": result["metrics"]}
 
 
+def run_and_file(
+    manifest: Path, box: Path, root: Path, runs: Path, config_file: Path | None, logger: Logger
+) -> str | None:
+    """Claim one manifest, run it and file it in ``done/`` or ``failed/``.
+
+    Parameters
+    ----------
+    manifest
+        A manifest in the inbox.
+    box, root, runs, config_file
+        The inbox, the data root, the parent of the run directories and the base config.
+    logger
+        The flow's logger.
+
+    Returns
+    -------
+    str or None
+        "done" or "failed"; None when another runner claimed the manifest first.
+    """
+    claimed = claim(manifest)
+    if claimed is None:
+        return None
+    logger.info("job %s: started", manifest.name)
+    try:
+        result = run_manifest(claimed, root, runs, config_file)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = reason.replace(str(claimed), manifest.name)
+        os.replace(claimed, box / "failed" / claimed.name)
+        (box / "failed" / f"{claimed.stem}.reason.txt").write_text(
+            f"{type(exc).__name__}: {reason}\n"
+        )
+        (box / "failed" / f"{claimed.stem}.traceback.txt").write_text(traceback.format_exc())
+        logger.error("job %s: failed: %s", manifest.name, reason)
+        return "failed"
+    (box / "done" / f"{claimed.stem}.result.json").write_text(
+        json.dumps(result, indent=2, default=str)
+    )
+    os.replace(claimed, box / "done" / claimed.name)
+    logger.info("job %s: done", manifest.name)
+    return "done"
+
+
 @flow(name="inbox", validate_parameters=False, persist_result=False)
 def process_inbox(
     inbox: str,
@@ -79,40 +203,29 @@ def process_inbox(
     runs: str | None = None,
     config_file: str | None = None,
 ) -> dict[str, list[str]]:
-    """Run each manifest in ``inbox`` once; returns {"done": [...], "failed": [...]}."""
+    """Run each manifest in ``inbox`` once; returns {"done": [...], "failed": [...]}.
+
+    Holds the inbox's lock (:func:`inbox_lock`) while it works, and first queues again the
+    manifests an interrupted run left in ``processing/``. When another runner holds the lock the
+    inbox is busy: nothing is done and the lists are empty.
+    """
     logger = get_run_logger()
     box = Path(inbox)
     root = Path(data_root) if data_root else box
     runs_dir = Path(runs) if runs else box / "runs"
+    config = Path(config_file) if config_file else None
     for sub in SUBDIRS:
         (box / sub).mkdir(parents=True, exist_ok=True)
     summary: dict[str, list[str]] = {"done": [], "failed": []}
-    for manifest in sorted(box.glob("*.y*ml")):
-        claimed = claim(manifest)
-        if claimed is None:
-            continue
-        logger.info("job %s: started", manifest.name)
-        try:
-            result = run_manifest(
-                claimed, root, runs_dir, Path(config_file) if config_file else None
-            )
-        except Exception as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            reason = reason.replace(str(claimed), manifest.name)
-            os.replace(claimed, box / "failed" / claimed.name)
-            (box / "failed" / f"{claimed.stem}.reason.txt").write_text(
-                f"{type(exc).__name__}: {reason}\n"
-            )
-            (box / "failed" / f"{claimed.stem}.traceback.txt").write_text(traceback.format_exc())
-            logger.error("job %s: failed: %s", manifest.name, reason)
-            summary["failed"].append(manifest.name)
-            continue
-        (box / "done" / f"{claimed.stem}.result.json").write_text(
-            json.dumps(result, indent=2, default=str)
-        )
-        os.replace(claimed, box / "done" / claimed.name)
-        logger.info("job %s: done", manifest.name)
-        summary["done"].append(manifest.name)
+    with inbox_lock(box) as held:
+        if not held:
+            logger.info("inbox %s is busy: another runner holds %s", box, box / LOCK_NAME)
+            return summary
+        requeue_stranded(box, logger)
+        for manifest in sorted(box.glob("*.y*ml")):
+            outcome = run_and_file(manifest, box, root, runs_dir, config, logger)
+            if outcome is not None:
+                summary[outcome].append(manifest.name)
     return summary
 
 

@@ -1,0 +1,157 @@
+"""The inbox runner (``flows/inbox.py``, ``wsireg-flow serve``) on real ANHIR sections.
+
+Flows run against a temporary Prefect server (the ``prefect_env`` fixture of ``conftest.py``);
+Prefect and ``flows`` are imported inside the tests, after that fixture has set the hermetic
+environment. Inputs and manifests are aged by an hour (``_age``) unless a test is about files
+still being written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wsireg_flow.config import load_config
+from wsireg_flow.manifest import load_manifest, manifest_config, resolve
+from wsireg_flow.pipeline import PAIR_STAGES, PairJob, prepare_run_dir, run_pair_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
+TARGET = CASE / "29-041-Izd2-w35-CD31-3-les3.jpg"
+SOURCE = CASE / "29-041-Izd2-w35-Cc10-5-les3.jpg"
+TARGET_LM = TARGET.with_suffix(".csv")
+SOURCE_LM = SOURCE.with_suffix(".csv")
+
+PAIR = (
+    "kind: pair\n"
+    f"target: case/{TARGET.name}\n"
+    f"source: case/{SOURCE.name}\n"
+    f"target_landmarks: case/{TARGET_LM.name}\n"
+    f"source_landmarks: case/{SOURCE_LM.name}\n"
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_env")
+
+
+def _age(*paths: Path, seconds: float = 3600.0) -> None:
+    """Set the modification time of ``paths`` (and of everything under a folder) to the past."""
+    when = time.time() - seconds
+    for p in paths:
+        for q in [p, *p.rglob("*")] if p.is_dir() else [p]:
+            os.utime(q, (when, when))
+
+
+def _setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A data root holding the pair (aged), an empty inbox and the runs folder."""
+    root = tmp_path / "data"
+    (root / "case").mkdir(parents=True)
+    for p in (TARGET, SOURCE, TARGET_LM, SOURCE_LM):
+        shutil.copy2(p, root / "case" / p.name)
+    _age(root)
+    box = tmp_path / "inbox"
+    box.mkdir()
+    return root, box, tmp_path / "runs"
+
+
+def _drop(box: Path, name: str, text: str, age: bool = True) -> Path:
+    p = box / name
+    p.write_text(text)
+    if age:
+        _age(p)
+    return p
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _hold_lock(lock: Path) -> subprocess.Popen[str]:
+    """Another runner: a process holding the inbox lock until it is killed."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+# -- 1. one runner at a time; an interrupted job resumes ------------------------------------------
+def test_inbox_lock_is_exclusive(tmp_path: Path) -> None:
+    from flows.inbox import inbox_lock
+
+    with inbox_lock(tmp_path) as first:
+        with inbox_lock(tmp_path) as second:
+            assert (first, second) == (True, False)
+    with inbox_lock(tmp_path) as again:
+        assert again
+
+
+def test_busy_inbox_is_left_alone_and_a_killed_runners_job_resumes(tmp_path: Path) -> None:
+    """A manifest left in processing/ by a killed runner used to stay there forever."""
+    from flows.inbox import LOCK_NAME, process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    # what a runner killed during the preprocess stage leaves: the manifest in processing/, a
+    # run directory with both ingest stages complete
+    (box / "processing").mkdir()
+    manifest = _drop(box / "processing", "job.yaml", PAIR)
+    m = load_manifest(manifest)
+    job = PairJob(
+        resolve(root, m.target),  # type: ignore[arg-type]
+        resolve(root, m.source),  # type: ignore[arg-type]
+        runs / "job",
+        manifest_config(m, load_config(None), manifest),
+        resolve(root, m.target_landmarks),
+        resolve(root, m.source_landmarks),
+    )
+    prepare_run_dir(job)
+    assert run_pair_stage(job, "ingest_target") and run_pair_stage(job, "ingest_source")
+    before = _names(runs / "job" / ".stages")
+
+    holder = _hold_lock(box / LOCK_NAME)  # a live runner
+    try:
+        summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+        assert summary == {"done": [], "failed": []}
+        assert _names(box / "processing") == ["job.yaml"]
+        assert _names(runs / "job" / ".stages") == before
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock
+        holder.wait()
+
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+
+    assert summary == {"done": ["job.yaml"], "failed": []}
+    assert _names(box / "processing") == []
+    assert (box / "done" / "job.yaml").is_file()
+    result = json.loads((box / "done" / "job.result.json").read_text())
+    assert result["stages_run"] == list(PAIR_STAGES[2:])  # the ingest stages were kept
+    assert result["landmarks"]["median_rtre"] < result["landmarks"]["initial_median_rtre"]
+
+
+def test_a_stranded_manifest_dropped_again_runs_once(tmp_path: Path) -> None:
+    """The copy dropped since the interruption wins; the stranded one is not run as well."""
+    from flows.inbox import process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    (box / "processing").mkdir()
+    _drop(box / "processing", "job.yaml", PAIR.replace(f"case/{SOURCE.name}", "case/gone.jpg"))
+    _drop(box, "job.yaml", PAIR.replace(f"case/{TARGET.name}", "case/missing.jpg"))
+
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+
+    assert summary == {"done": [], "failed": ["job.yaml"]}
+    assert _names(box / "processing") == []
+    assert "missing.jpg" in (box / "failed" / "job.reason.txt").read_text()
