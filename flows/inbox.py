@@ -1,6 +1,7 @@
 """Inbox flow: run every job manifest dropped into a folder once, then file it.
 
-``INBOX/*.yaml`` -> claimed into ``INBOX/processing/`` -> run (pair or stack flow, as a subflow)
+``INBOX/*.yaml`` -> (once it and its inputs have not changed for ``settle`` seconds) claimed into
+``INBOX/processing/`` -> run (pair or stack flow, as a subflow)
 -> moved to ``INBOX/done/`` (with ``<name>.result.json``) or ``INBOX/failed/`` (with
 ``<name>.reason.txt``, one line). Run directories go to ``RUNS/<manifest name>/``. Manifest
 paths are relative to the data root and cannot leave it.
@@ -30,12 +31,13 @@ from flows.pair import register_pair
 from flows.stack import register_stack
 from wsireg_flow.config import load_config
 from wsireg_flow.errors import ConfigError
-from wsireg_flow.manifest import load_manifest, manifest_config, resolve
+from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PairJob
 from wsireg_flow.stack import StackJob, collect_sections
 
 SUBDIRS = ("processing", "done", "failed")
 LOCK_NAME = ".inbox.lock"
+SETTLE_SECONDS = 30.0  # default: a manifest and its inputs unchanged this long are complete
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -202,12 +204,16 @@ def process_inbox(
     data_root: str | None = None,
     runs: str | None = None,
     config_file: str | None = None,
+    settle: float = SETTLE_SECONDS,
 ) -> dict[str, list[str]]:
-    """Run each manifest in ``inbox`` once; returns {"done": [...], "failed": [...]}.
+    """Run each manifest in ``inbox`` once; returns {"done": [...], "failed": [...],
+    "waiting": [...]} (manifest names).
 
-    Holds the inbox's lock (:func:`inbox_lock`) while it works, and first queues again the
-    manifests an interrupted run left in ``processing/``. When another runner holds the lock the
-    inbox is busy: nothing is done and the lists are empty.
+    A manifest is taken when it and every input it names have not been modified for ``settle``
+    seconds (see :func:`wsireg_flow.manifest.unsettled`); the others wait in the inbox for the
+    next run. Holds the inbox's lock (:func:`inbox_lock`) while it works, and first queues again
+    the manifests an interrupted run left in ``processing/``. When another runner holds the lock
+    the inbox is busy: nothing is done and the lists are empty.
     """
     logger = get_run_logger()
     box = Path(inbox)
@@ -216,13 +222,23 @@ def process_inbox(
     config = Path(config_file) if config_file else None
     for sub in SUBDIRS:
         (box / sub).mkdir(parents=True, exist_ok=True)
-    summary: dict[str, list[str]] = {"done": [], "failed": []}
+    summary: dict[str, list[str]] = {"done": [], "failed": [], "waiting": []}
     with inbox_lock(box) as held:
         if not held:
             logger.info("inbox %s is busy: another runner holds %s", box, box / LOCK_NAME)
             return summary
         requeue_stranded(box, logger)
         for manifest in sorted(box.glob("*.y*ml")):
+            young = unsettled(manifest, root, settle)
+            if young:
+                logger.info(
+                    "job %s: waiting until %s has not changed for %g s",
+                    manifest.name,
+                    young[0],
+                    settle,
+                )
+                summary["waiting"].append(manifest.name)
+                continue
             outcome = run_and_file(manifest, box, root, runs_dir, config, logger)
             if outcome is not None:
                 summary[outcome].append(manifest.name)
@@ -253,6 +269,7 @@ def serve(
     data_root: str | None = None,
     runs: str | None = None,
     config_file: str | None = None,
+    settle: float = SETTLE_SECONDS,
 ) -> None:
     """Serve the inbox flow as a deployment on a cron schedule (blocks until interrupted).
 
@@ -267,5 +284,6 @@ def serve(
             "data_root": data_root,
             "runs": runs,
             "config_file": config_file,
+            "settle": settle,
         },
     )

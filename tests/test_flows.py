@@ -341,9 +341,13 @@ def test_process_inbox_files_good_and_bad_manifests(tmp_path: Path) -> None:
     (box / "unknown.yaml").write_text(pair + "colour: red\n")
     runs = tmp_path / "runs"
 
-    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs), settle=0)
 
-    assert summary == {"done": ["good.yaml"], "failed": ["escape.yaml", "unknown.yaml"]}
+    assert summary == {
+        "done": ["good.yaml"],
+        "failed": ["escape.yaml", "unknown.yaml"],
+        "waiting": [],
+    }
     assert list((box / "processing").iterdir()) == []
     assert sorted(p.name for p in box.glob("*.yaml")) == []
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from wsireg_flow.config import load_config
-from wsireg_flow.manifest import load_manifest, manifest_config, resolve
+from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, prepare_run_dir, run_pair_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_busy_inbox_is_left_alone_and_a_killed_runners_job_resumes(tmp_path: Pat
     holder = _hold_lock(box / LOCK_NAME)  # a live runner
     try:
         summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
-        assert summary == {"done": [], "failed": []}
+        assert summary == {"done": [], "failed": [], "waiting": []}
         assert _names(box / "processing") == ["job.yaml"]
         assert _names(runs / "job" / ".stages") == before
     finally:
@@ -133,7 +133,7 @@ def test_busy_inbox_is_left_alone_and_a_killed_runners_job_resumes(tmp_path: Pat
 
     summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
 
-    assert summary == {"done": ["job.yaml"], "failed": []}
+    assert summary == {"done": ["job.yaml"], "failed": [], "waiting": []}
     assert _names(box / "processing") == []
     assert (box / "done" / "job.yaml").is_file()
     result = json.loads((box / "done" / "job.result.json").read_text())
@@ -152,6 +152,70 @@ def test_a_stranded_manifest_dropped_again_runs_once(tmp_path: Path) -> None:
 
     summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
 
-    assert summary == {"done": [], "failed": ["job.yaml"]}
+    assert summary == {"done": [], "failed": ["job.yaml"], "waiting": []}
     assert _names(box / "processing") == []
     assert "missing.jpg" in (box / "failed" / "job.reason.txt").read_text()
+
+
+# -- 2. files still being written wait ------------------------------------------------------------
+def test_unsettled_names_the_young_files(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "sections" / "s2.zarr" / "0").mkdir(parents=True)
+    (root / "sections" / "s1.jpg").write_bytes(b"x")
+    chunk = root / "sections" / "s2.zarr" / "0" / "0.0"
+    chunk.write_bytes(b"x")
+    _age(root)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text("kind: stack\nfolder: sections\n")
+    now = time.time()
+
+    assert unsettled(manifest, root, 30.0, now) == [manifest]
+    assert unsettled(manifest, root, 0.0, now) == []
+    _age(manifest)
+    assert unsettled(manifest, root, 30.0, now) == []
+    os.utime(chunk, (now - 5, now - 5))  # a chunk deep in a section is still being written
+    assert unsettled(manifest, root, 30.0, now) == [root / "sections"]
+    assert unsettled(manifest, root, 5.0, now) == []
+
+
+def test_files_still_being_copied_wait_for_a_later_run(tmp_path: Path) -> None:
+    """A slide still being copied failed as truncated; a half-written manifest as not found."""
+    from flows.inbox import process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    source = root / "case" / SOURCE.name
+    os.utime(source)  # being copied: modified just now
+    (root / "sections").mkdir()
+    for name in ("s1.jpg", "s2.jpg"):
+        shutil.copy2(SOURCE, root / "sections" / name)
+    os.utime(root / "sections" / "s2.jpg")
+    _drop(box, "copying.yaml", PAIR)
+    _drop(box, "half.yaml", "kind: pair\ntarget: [case/29-041", age=False)  # not yet parseable
+    _drop(box, "stack.yaml", "kind: stack\nfolder: sections\n")
+    gone = PAIR.replace(f"case/{SOURCE.name}", f"case/{TARGET.name}")  # not the young source
+    _drop(box, "gone.yaml", gone.replace(f"target: case/{TARGET.name}", "target: case/never.jpg"))
+
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs), settle=30.0)
+
+    assert summary == {
+        "done": [],
+        "failed": ["gone.yaml"],  # a missing input once the manifest has settled
+        "waiting": ["copying.yaml", "half.yaml", "stack.yaml"],
+    }
+    waiting = ["copying.yaml", "half.yaml", "stack.yaml"]
+    assert _names(box) == sorted([".inbox.lock", "done", "failed", "processing", *waiting])
+    assert "never.jpg: file not found" in (box / "failed" / "gone.reason.txt").read_text()
+    assert not runs.exists() or _names(runs) == []
+
+    _age(source, box / "half.yaml")  # the copy finished; the manifest was left half-written
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs), settle=30.0)
+
+    assert summary == {"done": ["copying.yaml"], "failed": ["half.yaml"], "waiting": ["stack.yaml"]}
+    assert (
+        (box / "failed" / "half.reason.txt")
+        .read_text()
+        .startswith("InputError: half.yaml: not a readable YAML manifest")
+    )
+    result = json.loads((box / "done" / "copying.result.json").read_text())
+    assert result["stages_run"] == list(PAIR_STAGES)
+    assert (box / "stack.yaml").is_file()

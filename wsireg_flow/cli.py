@@ -201,6 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.inbox.is_dir():
         raise WsiregError("inbox folder not found", args.inbox)
+    if not 0 <= args.settle < float("inf"):
+        raise ConfigError(f"must be a number of seconds >= 0, got {args.settle:g}", "--settle")
     if args.config is not None:
         load_config(args.config)  # refuse a bad config before serving
     params = {
@@ -208,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "data_root": None if args.data_root is None else str(args.data_root),
         "runs": None if args.runs is None else str(args.runs),
         "config_file": None if args.config is None else str(args.config),
+        "settle": args.settle,
     }
     if args.once:
         print(json.dumps(process_inbox(**params)))
@@ -392,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runs", type=Path, default=None, help="Run directories (default: INBOX/runs).")
     p.add_argument("--once", action="store_true", help="Process the inbox once and exit.")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="Take a manifest only when it and its inputs have not changed for this long "
+        "(files still being copied wait for the next run; default: 30).",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_serve)
 

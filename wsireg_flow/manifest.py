@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from wsireg_flow.config import Config, config_from_dict
-from wsireg_flow.errors import ConfigError, InputError
+from wsireg_flow.errors import ConfigError, InputError, WsiregError
 from wsireg_flow.landmarks import resolve_path
 
 
@@ -105,3 +106,97 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def resolve(root: Path, rel: str | None) -> Path | None:
     """A manifest path under ``root`` (refused when it escapes it)."""
     return None if rel is None else resolve_path(root, rel)
+
+
+def manifest_inputs(m: Manifest, root: Path) -> list[Path]:
+    """Every input a manifest names: slides, landmark files, stack sections or folder.
+
+    Parameters
+    ----------
+    m
+        A validated manifest.
+    root
+        The data root its paths are relative to.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The paths under ``root``, in the manifest's order (a folder stands for its contents).
+
+    Raises
+    ------
+    InputError
+        When a path escapes ``root``.
+    """
+    named = [m.target, m.source, m.target_landmarks, m.source_landmarks, m.folder]
+    named += [*(m.sections or []), *(m.landmarks or [])]
+    return [resolve_path(root, rel) for rel in named if rel is not None]
+
+
+def last_modified(path: Path) -> float | None:
+    """The latest modification time of ``path`` and, for a folder, of everything under it.
+
+    Parameters
+    ----------
+    path
+        A file or folder (an OME-Zarr store, a folder of sections).
+
+    Returns
+    -------
+    float or None
+        Seconds since the epoch; None when ``path`` does not exist.
+    """
+    try:
+        latest = path.stat().st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if path.is_dir():
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    latest = max(latest, os.stat(os.path.join(folder, name)).st_mtime)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # removed while we looked, or a dangling link
+    return latest
+
+
+def unsettled(manifest: Path, root: Path, settle: float, now: float | None = None) -> list[Path]:
+    """What keeps a manifest from being taken: files modified less than ``settle`` s ago.
+
+    A manifest is taken when it and every input it names have not changed for ``settle``
+    seconds (a slide or a manifest still being copied would fail as truncated or incomplete).
+    A manifest that cannot be read, or that names a missing input or one outside the data root,
+    is taken once the manifest itself has settled: running it reports the problem.
+
+    Parameters
+    ----------
+    manifest
+        The manifest file.
+    root
+        The data root its paths are relative to.
+    settle
+        Seconds without modification (0: take everything at once).
+    now
+        The current time (default: the clock).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The manifest alone while it is too young; else its inputs that are too young; empty
+        when the manifest may be taken.
+    """
+    if settle <= 0:
+        return []
+    now = time.time() if now is None else now
+
+    def young(p: Path) -> bool:
+        t = last_modified(p)
+        return t is not None and now - t < settle
+
+    if young(manifest):
+        return [manifest]
+    try:
+        inputs = manifest_inputs(load_manifest(manifest), root)
+    except WsiregError:
+        return []
+    return [p for p in inputs if young(p)]
