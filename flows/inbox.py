@@ -30,10 +30,10 @@ from prefect.settings import get_current_settings
 from flows.pair import register_pair
 from flows.stack import register_stack
 from wsireg_flow.config import load_config
-from wsireg_flow.errors import ConfigError
+from wsireg_flow.errors import ConfigError, WsiregError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
-from wsireg_flow.pipeline import PairJob
-from wsireg_flow.stack import StackJob, collect_sections
+from wsireg_flow.pipeline import PairJob, check_run_dir
+from wsireg_flow.stack import StackJob, _holds_this_stack, collect_sections
 
 SUBDIRS = ("processing", "done", "failed")
 LOCK_NAME = ".inbox.lock"
@@ -121,38 +121,75 @@ def claim(manifest: Path) -> Path | None:
     return target
 
 
+def holds_other_job(job: PairJob | StackJob) -> bool:
+    """True when the job's run directory exists and holds the results of another job.
+
+    Another job is one with other inputs (or of the other kind); the same inputs with other
+    settings are the same job, whose changed stages re-run.
+    """
+    d = job.run_dir
+    if not d.is_dir() or not any(d.iterdir()):
+        return False
+    if isinstance(job, StackJob):
+        return not _holds_this_stack(job)
+    try:
+        check_run_dir(job)
+    except WsiregError:
+        return True
+    return False
+
+
 def run_manifest(
-    path: Path, data_root: Path, runs: Path, config_file: Path | None
+    path: Path,
+    data_root: Path,
+    runs: Path,
+    config_file: Path | None,
+    logger: Logger | None = None,
 ) -> dict[str, Any]:
-    """Run one claimed manifest; returns a JSON-friendly result."""
+    """Run one claimed manifest; returns a JSON-friendly result.
+
+    Dropping a manifest is an instruction to run it: when its run directory
+    (``runs/<manifest stem>``) holds another job, from an earlier manifest of the same name,
+    that run is replaced (with a warning). The same job resumes, or returns at once when done.
+    """
     m = load_manifest(path)
     cfg = manifest_config(m, load_config(config_file), path)
     out = runs / path.stem
+    job: PairJob | StackJob
     if m.kind == "pair":
         job = PairJob(
-            resolve(data_root, m.target),
-            resolve(data_root, m.source),
+            resolve(data_root, m.target),  # type: ignore[arg-type]
+            resolve(data_root, m.source),  # type: ignore[arg-type]
             out,
-            cfg,  # type: ignore[arg-type]
+            cfg,
             target_landmarks=resolve(data_root, m.target_landmarks),
             source_landmarks=resolve(data_root, m.source_landmarks),
         )
-        ran = register_pair(job)
+    else:
+        named = m.sections if m.sections else [m.folder]
+        sections = collect_sections([resolve(data_root, s) for s in named])  # type: ignore[misc]
+        landmarks = [resolve(data_root, p) for p in m.landmarks] if m.landmarks else None
+        job = StackJob(sections, out, cfg, m.reference, landmarks)  # type: ignore[arg-type]
+    replace = holds_other_job(job)
+    if replace:
+        (logger or logging.getLogger(__name__)).warning(
+            "job %s: %s holds the results of another job (an earlier %s manifest); replacing them",
+            path.name,
+            out,
+            path.stem,
+        )
+    if isinstance(job, PairJob):
+        ran = register_pair(job, overwrite=replace)
         metrics = json.loads((out / "metrics.json").read_text())
         return {
             "kind": "pair",
             "out": str(out),
             "stages_run": [k for k, v in ran.items() if v],
             "landmarks": metrics.get("landmarks"),
+            "replaced": replace,
         }
-    if m.sections:
-        sections = collect_sections([resolve(data_root, s) for s in m.sections])  # type: ignore[misc]
-    else:
-        sections = collect_sections([resolve(data_root, m.folder)])  # type: ignore[list-item]
-    landmarks = [resolve(data_root, p) for p in m.landmarks] if m.landmarks else None
-    sjob = StackJob(sections, out, cfg, m.reference, landmarks)  # type: ignore[arg-type]
-    result = register_stack(sjob)
-    return {"kind": "stack", "out": str(out), "metrics": result["metrics"]}
+    result = register_stack(job, overwrite=replace)
+    return {"kind": "stack", "out": str(out), "metrics": result["metrics"], "replaced": replace}
 
 
 def run_and_file(
@@ -179,7 +216,7 @@ def run_and_file(
         return None
     logger.info("job %s: started", manifest.name)
     try:
-        result = run_manifest(claimed, root, runs, config_file)
+        result = run_manifest(claimed, root, runs, config_file, logger)
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         reason = reason.replace(str(claimed), manifest.name)

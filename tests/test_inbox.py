@@ -9,12 +9,14 @@ still being written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +221,52 @@ def test_files_still_being_copied_wait_for_a_later_run(tmp_path: Path) -> None:
     result = json.loads((box / "done" / "copying.result.json").read_text())
     assert result["stages_run"] == list(PAIR_STAGES)
     assert (box / "stack.yaml").is_file()
+
+
+# -- 3. a manifest dropped again with another job replaces the earlier run ------------------------
+def test_a_changed_manifest_replaces_its_earlier_run(tmp_path: Path) -> None:
+    """It used to fail: "run directory exists and holds other results (use --overwrite ...)"."""
+    from flows.inbox import process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    swapped = (
+        "kind: pair\n"
+        f"target: case/{SOURCE.name}\n"
+        f"source: case/{TARGET.name}\n"
+        f"target_landmarks: case/{SOURCE_LM.name}\n"
+        f"source_landmarks: case/{TARGET_LM.name}\n"
+    )
+
+    def run() -> dict[str, list[str]]:
+        return process_inbox(str(box), data_root=str(root), runs=str(runs))
+
+    def result(name: str) -> dict[str, Any]:
+        return json.loads((box / "done" / f"{name}.result.json").read_text())
+
+    _drop(box, "job.yaml", PAIR)
+    assert run()["done"] == ["job.yaml"]
+    assert result("job")["replaced"] is False
+
+    _drop(box, "job.yml", swapped)  # corrected: the other way round, and as .yml
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("prefect").addHandler(handler)
+    try:
+        summary = run()
+    finally:
+        logging.getLogger("prefect").removeHandler(handler)
+
+    assert summary == {"done": ["job.yml"], "failed": [], "waiting": []}
+    assert result("job")["replaced"] is True
+    assert result("job")["stages_run"] == list(PAIR_STAGES)
+    assert json.loads((runs / "job" / "job.json").read_text())["target"] == str(
+        root / "case" / SOURCE.name
+    )
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("job job.yml:" in w and "replacing" in w for w in warnings), warnings
+
+    _drop(box, "job.yaml", swapped)  # the same job again: nothing to do
+    assert run()["done"] == ["job.yaml"]
+    assert result("job")["replaced"] is False
+    assert result("job")["stages_run"] == []
