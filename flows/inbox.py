@@ -37,6 +37,7 @@ from wsireg_flow.stack import StackJob, _holds_this_stack, collect_sections
 
 SUBDIRS = ("processing", "done", "failed")
 LOCK_NAME = ".inbox.lock"
+FAILED_FILES = (".yaml", ".yml", ".reason.txt", ".traceback.txt")  # failed/NAME<suffix>
 SETTLE_SECONDS = 30.0  # default: a manifest and its inputs unchanged this long are complete
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -230,7 +231,15 @@ def run_and_file(
     (box / "done" / f"{claimed.stem}.result.json").write_text(
         json.dumps(result, indent=2, default=str)
     )
-    os.replace(claimed, box / "done" / claimed.name)
+    done = box / "done" / claimed.name
+    os.replace(claimed, done)
+    # earlier attempts under this name are stale now: a failure, and a success under the other
+    # extension (NAME.yml after NAME.yaml; NAME.result.json was just rewritten)
+    for ext in FAILED_FILES:
+        (box / "failed" / f"{claimed.stem}{ext}").unlink(missing_ok=True)
+    for ext in (".yaml", ".yml"):
+        if done.name != f"{claimed.stem}{ext}":
+            (box / "done" / f"{claimed.stem}{ext}").unlink(missing_ok=True)
     logger.info("job %s: done", manifest.name)
     return "done"
 

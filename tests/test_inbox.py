@@ -258,6 +258,7 @@ def test_a_changed_manifest_replaces_its_earlier_run(tmp_path: Path) -> None:
         logging.getLogger("prefect").removeHandler(handler)
 
     assert summary == {"done": ["job.yml"], "failed": [], "waiting": []}
+    assert _names(box / "done") == ["job.result.json", "job.yml"]  # one record per run
     assert result("job")["replaced"] is True
     assert result("job")["stages_run"] == list(PAIR_STAGES)
     assert json.loads((runs / "job" / "job.json").read_text())["target"] == str(
@@ -270,3 +271,22 @@ def test_a_changed_manifest_replaces_its_earlier_run(tmp_path: Path) -> None:
     assert run()["done"] == ["job.yaml"]
     assert result("job")["replaced"] is False
     assert result("job")["stages_run"] == []
+
+
+# -- 4. success after a failure removes the failure files -----------------------------------------
+def test_success_after_a_failure_removes_the_failure_files(tmp_path: Path) -> None:
+    """failed/NAME.yaml, .reason.txt and .traceback.txt used to stay next to done/NAME.yaml."""
+    from flows.inbox import process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    _drop(box, "job.yaml", PAIR.replace(f"case/{TARGET.name}", "case/typo.jpg"))
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+    assert summary["failed"] == ["job.yaml"]
+    assert _names(box / "failed") == ["job.reason.txt", "job.traceback.txt", "job.yaml"]
+
+    _drop(box, "job.yml", PAIR)  # corrected (under the other extension)
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+
+    assert summary == {"done": ["job.yml"], "failed": [], "waiting": []}
+    assert _names(box / "failed") == []
+    assert _names(box / "done") == ["job.result.json", "job.yml"]
