@@ -8,6 +8,8 @@ still being written.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -290,3 +292,39 @@ def test_success_after_a_failure_removes_the_failure_files(tmp_path: Path) -> No
     assert summary == {"done": ["job.yml"], "failed": [], "waiting": []}
     assert _names(box / "failed") == []
     assert _names(box / "done") == ["job.result.json", "job.yml"]
+
+
+# -- 5. `serve --once` exit status ----------------------------------------------------------------
+def _serve_once(box: Path, root: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+    from wsireg_flow.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["serve", "--once", "--inbox", str(box), "--data-root", str(root), *extra]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([*argv, "--quiet"])
+    lines = stdout.getvalue().strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else {}, stderr.getvalue()
+
+
+def test_serve_once_exits_1_when_a_manifest_failed(tmp_path: Path) -> None:
+    """It exited 0 whatever happened: cron could not alert."""
+    root, box, _ = _setup(tmp_path)
+    _drop(box, "bad.yaml", PAIR.replace(f"case/{TARGET.name}", "case/typo.jpg"))
+    _drop(box, "young.yaml", PAIR.replace(f"case/{TARGET.name}", "case/later.jpg"), age=False)
+
+    code, summary, err = _serve_once(box, root)
+    assert code == 1
+    assert summary == {"done": [], "failed": ["bad.yaml"], "waiting": ["young.yaml"]}
+    assert err.strip().splitlines()[-1] == (
+        f"wsireg-flow: 1 manifest(s) failed: see {box / 'failed'}"
+    )
+
+    code, summary, _ = _serve_once(box, root)  # only a manifest waiting: not a failure
+    assert (code, summary) == (0, {"done": [], "failed": [], "waiting": ["young.yaml"]})
+
+    code, summary, _ = _serve_once(box, root, "--settle", "0")  # taken at once: fails
+    assert (code, summary) == (1, {"done": [], "failed": ["young.yaml"], "waiting": []})
+
+    code, summary, err = _serve_once(box, root, "--settle", "-1")
+    assert (code, summary) == (2, {})
+    assert err.strip() == "wsireg-flow: error: --settle: must be a number of seconds >= 0, got -1"

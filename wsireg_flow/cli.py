@@ -196,7 +196,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """`wsireg-flow serve`: serve the pair flow as a Prefect deployment (inbox, cron)."""
+    """`wsireg-flow serve`: serve the inbox flow as a Prefect deployment on a cron schedule, or
+    run it once (``--once``: exit 1 when a manifest failed)."""
     from flows.inbox import process_inbox, require_server, serve
 
     if not args.inbox.is_dir():
@@ -213,7 +214,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "settle": args.settle,
     }
     if args.once:
-        print(json.dumps(process_inbox(**params)))
+        summary = process_inbox(**params)
+        print(json.dumps(summary))
+        if summary["failed"]:  # for cron: a failed manifest is an alert (waiting ones are not)
+            print(
+                f"wsireg-flow: {len(summary['failed'])} manifest(s) failed: see "
+                f"{args.inbox / 'failed'}",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     require_server()
     print(f"serving inbox {args.inbox} on schedule '{args.cron}' (Ctrl-C to stop)", file=sys.stderr)
