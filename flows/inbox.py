@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.settings import get_current_settings
+from pydantic import ValidationError
 
 from flows.pair import register_pair
 from flows.stack import register_stack
@@ -309,6 +311,30 @@ def require_server() -> None:
         )
 
 
+def check_cron(cron: str) -> None:
+    """Refuse a schedule Prefect would refuse (its own check: ``CronSchedule``), before serving.
+
+    Parameters
+    ----------
+    cron
+        A cron expression (five fields, e.g. ``*/10 * * * *``).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--cron`` and the problem, in one line.
+    """
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(
+            f"{msg[:1].lower()}{msg[1:]} (cron syntax has five fields: minute hour "
+            'day-of-month month day-of-week, e.g. "*/10 * * * *")',
+            "--cron",
+        ) from None
+
+
 def serve(
     inbox: str,
     cron: str,
@@ -319,8 +345,10 @@ def serve(
 ) -> None:
     """Serve the inbox flow as a deployment on a cron schedule (blocks until interrupted).
 
-    Needs the Prefect server named by PREFECT_API_URL (see :func:`require_server`).
+    Needs the Prefect server named by PREFECT_API_URL (see :func:`require_server`) and a valid
+    ``cron`` (see :func:`check_cron`).
     """
+    check_cron(cron)
     require_server()
     process_inbox.serve(
         name="wsireg-inbox",

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from wsireg_flow.config import load_config
+from wsireg_flow.errors import WsiregError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, prepare_run_dir, run_pair_stage
 
@@ -328,3 +329,33 @@ def test_serve_once_exits_1_when_a_manifest_failed(tmp_path: Path) -> None:
     code, summary, err = _serve_once(box, root, "--settle", "-1")
     assert (code, summary) == (2, {})
     assert err.strip() == "wsireg-flow: error: --settle: must be a number of seconds >= 0, got -1"
+
+
+# -- 6. a bad --cron is refused before serving ----------------------------------------------------
+def test_check_cron_uses_prefects_rules() -> None:
+    from flows.inbox import check_cron
+
+    for good in ("*/10 * * * *", "0 3 * * 1-5", "@hourly"):
+        check_cron(good)
+    for bad in ("bogus", "61 * * * *", "H * * * *", ""):
+        with pytest.raises(WsiregError, match=r"^--cron: invalid cron string"):
+            check_cron(bad)
+
+
+def test_serve_with_a_bad_cron_is_refused_with_one_line(tmp_path: Path) -> None:
+    """It printed "serving inbox ... on schedule 'bogus'", then died on a ValidationError."""
+    (tmp_path / "inbox").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # a server is named (none needs to run)
+    cmd = [sys.executable, "-m", "wsireg_flow.cli", "serve", "--inbox", str(tmp_path / "inbox")]
+    res = subprocess.run(
+        [*cmd, "--cron", "bogus"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        'wsireg-flow: error: --cron: invalid cron string: "bogus" (cron syntax has five fields: '
+        'minute hour day-of-month month day-of-week, e.g. "*/10 * * * *")'
+    ]
+    assert res.stdout == ""
+    assert _names(tmp_path / "inbox") == []

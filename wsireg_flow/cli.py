@@ -198,10 +198,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """`wsireg-flow serve`: serve the inbox flow as a Prefect deployment on a cron schedule, or
     run it once (``--once``: exit 1 when a manifest failed)."""
-    from flows.inbox import process_inbox, require_server, serve
+    from flows.inbox import check_cron, process_inbox, require_server, serve
 
     if not args.inbox.is_dir():
         raise WsiregError("inbox folder not found", args.inbox)
+    if not args.once:
+        check_cron(args.cron)
     if not 0 <= args.settle < float("inf"):
         raise ConfigError(f"must be a number of seconds >= 0, got {args.settle:g}", "--settle")
     if args.config is not None:
