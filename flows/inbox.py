@@ -34,7 +34,7 @@ from flows.stack import register_stack
 from wsireg_flow.config import load_config
 from wsireg_flow.errors import ConfigError, WsiregError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
-from wsireg_flow.pipeline import PairJob, check_run_dir
+from wsireg_flow.pipeline import PairJob, check_inputs, check_run_dir
 from wsireg_flow.stack import StackJob, _holds_this_stack, collect_sections
 
 SUBDIRS = ("processing", "done", "failed")
@@ -173,6 +173,10 @@ def run_manifest(
         sections = collect_sections([resolve(data_root, s) for s in named])  # type: ignore[misc]
         landmarks = [resolve(data_root, p) for p in m.landmarks] if m.landmarks else None
         job = StackJob(sections, out, cfg, m.reference, landmarks)  # type: ignore[arg-type]
+    if isinstance(job, PairJob):  # a job that cannot run leaves the earlier run alone
+        check_inputs(job)
+    else:
+        job.validate()
     replace = holds_other_job(job)
     if replace:
         (logger or logging.getLogger(__name__)).warning(

@@ -240,25 +240,37 @@ def test_a_changed_manifest_replaces_its_earlier_run(tmp_path: Path) -> None:
         f"source_landmarks: case/{TARGET_LM.name}\n"
     )
 
+    records: list[logging.LogRecord] = []
+
     def run() -> dict[str, list[str]]:
-        return process_inbox(str(box), data_root=str(root), runs=str(runs))
+        """Process the inbox; the warnings it logs go to ``records``."""
+        records.clear()
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = records.append  # type: ignore[method-assign]
+        logging.getLogger("prefect").addHandler(handler)
+        try:
+            return process_inbox(str(box), data_root=str(root), runs=str(runs))
+        finally:
+            logging.getLogger("prefect").removeHandler(handler)
 
     def result(name: str) -> dict[str, Any]:
         return json.loads((box / "done" / f"{name}.result.json").read_text())
+
+    def replacing() -> list[str]:
+        return [r.getMessage() for r in records if "replacing" in r.getMessage()]
 
     _drop(box, "job.yaml", PAIR)
     assert run()["done"] == ["job.yaml"]
     assert result("job")["replaced"] is False
 
+    first_job = (runs / "job" / "job.json").read_text()
+    _drop(box, "job.yaml", PAIR.replace(f"case/{TARGET.name}", "case/typo.jpg"))
+    assert run()["failed"] == ["job.yaml"]  # another job that cannot run: the run is kept
+    assert (runs / "job" / "job.json").read_text() == first_job
+    assert replacing() == []
+
     _drop(box, "job.yml", swapped)  # corrected: the other way round, and as .yml
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("prefect").addHandler(handler)
-    try:
-        summary = run()
-    finally:
-        logging.getLogger("prefect").removeHandler(handler)
+    summary = run()
 
     assert summary == {"done": ["job.yml"], "failed": [], "waiting": []}
     assert _names(box / "done") == ["job.result.json", "job.yml"]  # one record per run
@@ -267,13 +279,13 @@ def test_a_changed_manifest_replaces_its_earlier_run(tmp_path: Path) -> None:
     assert json.loads((runs / "job" / "job.json").read_text())["target"] == str(
         root / "case" / SOURCE.name
     )
-    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    assert any("job job.yml:" in w and "replacing" in w for w in warnings), warnings
+    assert len(replacing()) == 1 and replacing()[0].startswith("job job.yml: "), replacing()
 
     _drop(box, "job.yaml", swapped)  # the same job again: nothing to do
     assert run()["done"] == ["job.yaml"]
     assert result("job")["replaced"] is False
     assert result("job")["stages_run"] == []
+    assert replacing() == []
 
 
 # -- 4. success after a failure removes the failure files -----------------------------------------
