@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -144,6 +145,39 @@ def test_busy_inbox_is_left_alone_and_a_killed_runners_job_resumes(tmp_path: Pat
     result = json.loads((box / "done" / "job.result.json").read_text())
     assert result["stages_run"] == list(PAIR_STAGES[2:])  # the ingest stages were kept
     assert result["landmarks"]["median_rtre"] < result["landmarks"]["initial_median_rtre"]
+
+
+def test_serve_once_killed_mid_job_resumes_on_the_next_run(tmp_path: Path) -> None:
+    """``kill -9`` of ``serve --once`` during a job: the next run finishes it."""
+    from prefect.settings import get_current_settings
+
+    from flows.inbox import process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    _drop(box, "job.yaml", PAIR)
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    cmd = [sys.executable, "-m", "wsireg_flow.cli", "serve", "--once", "--inbox", str(box)]
+    cmd += ["--data-root", str(root), "--runs", str(runs)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        marker = runs / "job" / ".stages" / "ingest_source.json"
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists() and proc.poll() is None, "the job did not get under way"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _names(box / "processing") == ["job.yaml"]
+    kept = {p.stem for p in (runs / "job" / ".stages").glob("*.json")}
+
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+
+    assert summary == {"done": ["job.yaml"], "failed": [], "waiting": []}
+    assert _names(box / "processing") == []
+    result = json.loads((box / "done" / "job.result.json").read_text())
+    assert result["stages_run"] == [s for s in PAIR_STAGES if s not in kept]
+    assert {"ingest_target", "ingest_source"} <= kept
 
 
 def test_a_stranded_manifest_dropped_again_runs_once(tmp_path: Path) -> None:
