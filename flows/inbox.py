@@ -14,13 +14,11 @@ was stranded by an interrupted run: it is queued again, and its run directory re
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,8 @@ from wsireg_flow.config import load_config
 from wsireg_flow.errors import ConfigError, WsiregError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PairJob, check_inputs, check_run_dir
-from wsireg_flow.stack import StackJob, _holds_this_stack, collect_sections
+from wsireg_flow.stack import StackJob, collect_sections, holds_this_stack
+from wsireg_flow.stages import exclusive_lock, holds_results
 
 SUBDIRS = ("processing", "done", "failed")
 LOCK_NAME = ".inbox.lock"
@@ -45,36 +44,11 @@ SETTLE_SECONDS = 30.0  # default: a manifest and its inputs unchanged this long 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
-@contextmanager
-def inbox_lock(box: Path) -> Iterator[bool]:
-    """Hold the inbox's exclusive lock for the block, when no other runner holds it.
-
-    The lock is an ``flock`` on ``box/.inbox.lock`` (created when missing, never removed), so it
-    dies with the process that holds it, even one killed by SIGKILL.
-
-    Parameters
-    ----------
-    box
-        The inbox folder (must exist).
-
-    Yields
-    ------
-    bool
-        True when this runner holds the lock, False when another one does (then the block must
-        leave the inbox alone).
-    """
-    fd = os.open(box / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # for people: who is processing the inbox
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
+def inbox_lock(box: Path) -> AbstractContextManager[bool]:
+    """The inbox's exclusive lock (:func:`~wsireg_flow.stages.exclusive_lock` on
+    ``box/.inbox.lock``); yields True when this runner holds it, False when another one does
+    (then the block must leave the inbox alone)."""
+    return exclusive_lock(box / LOCK_NAME)
 
 
 def requeue_stranded(box: Path, logger: Logger) -> list[str]:
@@ -130,11 +104,10 @@ def holds_other_job(job: PairJob | StackJob) -> bool:
     Another job is one with other inputs (or of the other kind); the same inputs with other
     settings are the same job, whose changed stages re-run.
     """
-    d = job.run_dir
-    if not d.is_dir() or not any(d.iterdir()):
+    if not holds_results(job.run_dir):
         return False
     if isinstance(job, StackJob):
-        return not _holds_this_stack(job)
+        return not holds_this_stack(job)
     try:
         check_run_dir(job)
     except WsiregError:

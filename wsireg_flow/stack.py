@@ -177,7 +177,9 @@ def _describe(job: StackJob) -> dict[str, Any]:
     }
 
 
-def _holds_this_stack(job: StackJob) -> bool:
+def holds_this_stack(job: StackJob) -> bool:
+    """Whether the run directory's ``stack.json`` records this stack (sections, reference,
+    landmarks; paths compared resolved)."""
     f = job.run_dir / "stack.json"
     try:
         old = json.loads(f.read_text()) if f.is_file() else None
@@ -199,7 +201,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     desc = _describe(job)
     f = d / "stack.json"
     if holds_results(d):
-        same = _holds_this_stack(job)
+        same = holds_this_stack(job)
         if not same and not overwrite:
             raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
         if overwrite:
@@ -316,7 +318,7 @@ def pairs_left(job: StackJob) -> list[PairJob]:
 def stack_is_complete(job: StackJob) -> bool:
     """True when the run directory holds this stack with every pair stage, section warp and
     the report complete and current: a re-run has nothing to do (no orchestration needed)."""
-    if not _holds_this_stack(job):
+    if not holds_this_stack(job):
         return False
     try:
         return (

@@ -29,37 +29,52 @@ LOCK_NAME = ".wsireg.lock"
 
 
 @contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory (created if missing) while the block runs.
+def exclusive_lock(lock_file: Path) -> Iterator[bool]:
+    """Try to hold an exclusive lock on ``lock_file`` (created when missing, never removed)
+    for the block; yields whether this process holds it.
 
-    The lock is ``flock`` on ``RUN/.wsireg.lock``: the system releases it when the process
-    ends, however it ends (even SIGKILL), so a stale lock cannot block a later run. Without
-    ``fcntl`` (Windows) runs are not locked.
+    The lock is ``flock``: the system releases it when the holder ends, however it ends (even
+    SIGKILL), so a stale lock never blocks anyone. The holder writes its process id into the
+    file, for people. Without ``fcntl`` (Windows) every caller holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of a run directory (created if missing) while the block runs:
+    :func:`exclusive_lock` on ``RUN/.wsireg.lock``.
 
     Raises
     ------
     WsiregError
         When another process holds the lock (a run writing to this directory now).
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with exclusive_lock(run_dir / LOCK_NAME) as held:
+        if not held:
             raise WsiregError(
                 "another wsireg-flow run is writing to this run directory (wait for it to "
                 "finish, or choose another --out)",
                 run_dir,
-            ) from None
+            )
         yield
-    finally:
-        os.close(fd)
 
 
 def check_unlocked(run_dir: Path) -> None:
