@@ -106,7 +106,7 @@ def register_one(
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return PairOutcome(p.index, False, (time.perf_counter() - t0) / 60, reason=reason)
     minutes = (time.perf_counter() - t0) / 60
-    if not any(ran.values()):  # resumed: report the time the pair took when it ran
+    if not all(ran.values()):  # resumed: the stages' recorded times, this run's and earlier
         minutes = _recorded_minutes(job.run_dir)
     rel = Path("pairs") / p.index
     return PairOutcome(
@@ -145,6 +145,8 @@ def collect_outcomes(
 
 
 def _recorded_minutes(run_dir: Path) -> float:
+    """Minutes the pair's stages took, summed from their completion records (whichever run
+    completed each)."""
     total = 0.0
     for name in PAIR_STAGES:
         m = run_dir / ".stages" / f"{name}.json"
