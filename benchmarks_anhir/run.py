@@ -46,6 +46,7 @@ from wsireg_flow.metrics import PairScore, aggregate, score_pair
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, job_is_complete, run_pair
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import write_figure
+from wsireg_flow.stages import read_record
 
 # Published results on the 251 hidden evaluation pairs (ANHIR challenge paper re-evaluation).
 PUBLISHED = [
@@ -147,12 +148,8 @@ def collect_outcomes(
 def _recorded_minutes(run_dir: Path) -> float:
     """Minutes the pair's stages took, summed from their completion records (whichever run
     completed each)."""
-    total = 0.0
-    for name in PAIR_STAGES:
-        m = run_dir / ".stages" / f"{name}.json"
-        if m.is_file():
-            total += json.loads(m.read_text())["seconds"]
-    return total / 60
+    records = [read_record(run_dir, name) for name in PAIR_STAGES]
+    return sum(r.seconds for r in records if r is not None) / 60
 
 
 def computer_performances() -> dict[str, Any]:

@@ -30,9 +30,9 @@ from pydantic import ValidationError
 from flows.pair import register_pair
 from flows.stack import register_stack
 from wsireg_flow.config import load_config
-from wsireg_flow.errors import ConfigError, WsiregError
+from wsireg_flow.errors import ConfigError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
-from wsireg_flow.pipeline import PairJob, check_inputs, check_run_dir
+from wsireg_flow.pipeline import PairJob, check_inputs, holds_this_job
 from wsireg_flow.stack import StackJob, collect_sections, holds_this_stack
 from wsireg_flow.stages import exclusive_lock, holds_results
 
@@ -106,13 +106,7 @@ def holds_other_job(job: PairJob | StackJob) -> bool:
     """
     if not holds_results(job.run_dir):
         return False
-    if isinstance(job, StackJob):
-        return not holds_this_stack(job)
-    try:
-        check_run_dir(job)
-    except WsiregError:
-        return True
-    return False
+    return not (holds_this_stack(job) if isinstance(job, StackJob) else holds_this_job(job))
 
 
 def run_manifest(

@@ -72,6 +72,7 @@ from wsireg_flow.stages import (
     holds_results,
     is_complete,
     remove_partials,
+    resolved_path,
     run_dir_lock,
     run_stage,
     temp_sibling,
@@ -214,10 +215,10 @@ class PairJob:
         (absolute, symlinks followed) as the stage fingerprints see them: the same job typed
         with relative paths, or from another directory, is the same job."""
         return {
-            "target": _resolved(self.target),
-            "source": _resolved(self.source),
-            "target_landmarks": _resolved(self.target_landmarks),
-            "source_landmarks": _resolved(self.source_landmarks),
+            "target": resolved_path(self.target),
+            "source": resolved_path(self.source),
+            "target_landmarks": resolved_path(self.target_landmarks),
+            "source_landmarks": resolved_path(self.source_landmarks),
             "diagonal": self.diagonal,
         }
 
@@ -266,14 +267,7 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     d = job.run_dir
     check_writable_dir(d)
     check_unlocked(d)
-    if overwrite or not holds_results(d):
-        return
-    job_file = d / "job.json"
-    try:
-        same = job_file.is_file() and _same_job(json.loads(job_file.read_text()), job.describe())
-    except ValueError:
-        same = False
-    if not same:
+    if not overwrite and holds_results(d) and not holds_this_job(job):
         raise WsiregError(
             "run directory exists and holds other results (use --overwrite to replace it)", d
         )
@@ -289,11 +283,8 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
     settings changed (until they run again the directory must not look complete).
     """
     d = job.run_dir
-    desc = job.describe()
-    job_file = d / "job.json"
     if holds_results(d):
-        same = job_file.is_file() and _same_job(json.loads(job_file.read_text()), desc)
-        if not same and not overwrite:
+        if not overwrite and not holds_this_job(job):
             raise WsiregError(
                 "run directory exists and holds other results (use --overwrite to replace it)", d
             )
@@ -303,21 +294,24 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
             remove_partials(d)
             drop_stale(d, job.fingerprints())
     d.mkdir(parents=True, exist_ok=True)
-    write_json(job_file, {**desc, "config": job.cfg.model_dump(mode="json")})
-
-
-def _resolved(path: str | os.PathLike[str] | None) -> str | None:
-    return None if path is None else str(Path(path).resolve())
+    write_json(d / "job.json", {**job.describe(), "config": job.cfg.model_dump(mode="json")})
 
 
 _PATH_KEYS = ("target", "source", "target_landmarks", "source_landmarks")
 
 
-def _same_job(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a recorded ``job.json`` describes the ``new`` job (paths compared resolved:
-    records written before paths were resolved hold them as typed)."""
-    old = {k: _resolved(v) if k in _PATH_KEYS else v for k, v in old.items()}
-    return all(old.get(k) == v for k, v in new.items())
+def holds_this_job(job: PairJob) -> bool:
+    """Whether the run directory's ``job.json`` records this job's inputs (paths compared
+    resolved: records written before paths were resolved hold them as typed; settings may
+    differ, their stages re-run)."""
+    try:
+        old = json.loads((job.run_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(old, dict):
+        return False
+    old = {k: resolved_path(v) if k in _PATH_KEYS else v for k, v in old.items()}
+    return all(old.get(k) == v for k, v in job.describe().items())
 
 
 # -- stage implementations (each returns its outputs, relative to the run directory) ---------
@@ -764,12 +758,9 @@ def job_is_complete(job: PairJob, stages: Sequence[str] = PAIR_STAGES) -> bool:
 
     Lets callers answer a re-run of a finished job without starting any orchestration.
     """
-    job_file = job.run_dir / "job.json"
-    if not job_file.is_file():
+    if not holds_this_job(job):
         return False
     try:
-        if not _same_job(json.loads(job_file.read_text()), job.describe()):
-            return False
         fps = job.fingerprints()
     except (OSError, ValueError):
         return False

@@ -40,6 +40,7 @@ from wsireg_flow.stages import (
     holds_results,
     is_complete,
     remove_partials,
+    resolved_path,
     run_stage,
 )
 from wsireg_flow.transform import Transform, TransformChain
@@ -156,15 +157,15 @@ class StackJob:
         return fingerprint(
             "stack-section",
             k,
-            str(self.sections[k].resolve()),
+            resolved_path(self.sections[k]),
             fps,
             self.cfg.io.model_dump(mode="json"),
-            None if not self.landmarks else str(Path(self.landmarks[k]).resolve()),
+            None if not self.landmarks else resolved_path(self.landmarks[k]),
         )
 
 
-def _resolved(paths: Sequence[str | os.PathLike[str]] | None) -> list[str] | None:
-    return None if paths is None else [str(Path(p).resolve()) for p in paths]
+def _resolved(paths: Sequence[str | os.PathLike[str]] | None) -> list[str | None] | None:
+    return None if paths is None else [resolved_path(p) for p in paths]
 
 
 def _describe(job: StackJob) -> dict[str, Any]:

@@ -179,6 +179,12 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def resolved_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` absolute with symlinks followed, as text (None stays None): how job records
+    and fingerprints name an input, whatever directory the command ran from."""
+    return None if path is None else str(Path(path).resolve())
+
+
 def file_fingerprint(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     """Identity of an input file or directory: resolved path, size and modification time (ns).
 

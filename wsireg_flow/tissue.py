@@ -23,6 +23,14 @@ def _channels(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3] if rgb.ndim == 3 else rgb[..., None]
 
 
+def scanned(rgb: np.ndarray) -> np.ndarray:
+    """(y, x) bool: pixels not exactly white in every channel. Exactly white pixels are
+    padding with no data (outside a scanner's scanned area, or a canvas an image was pasted
+    on), not glass."""
+    img = _channels(rgb)
+    return img.min(axis=-1) < white_level(img.dtype)
+
+
 def white_level(dtype: np.dtype) -> float:
     """The value of white: the integer dtype's maximum (255 for uint8), 255 for floats."""
     dtype = np.dtype(dtype)
@@ -100,8 +108,7 @@ def glass_level(rgb: np.ndarray, od: np.ndarray, below: float) -> GlassLevel | N
     od : (y, x) float32 summed optical density of ``rgb`` (see :func:`optical_density`).
     below : only pixels with OD under this value are glass candidates.
     """
-    img = _channels(rgb)
-    candidates = od[(img.min(axis=-1) < white_level(img.dtype)) & (od < below)]
+    candidates = od[scanned(rgb) & (od < below)]
     if candidates.size < 0.01 * od.size:
         return None
     step = 0.005
@@ -121,11 +128,10 @@ def scanned_box(rgb: np.ndarray) -> tuple[slice, slice]:
     """(y, x) slices of the bounding box of the scanned pixels: those not exactly white in
     every channel (white from :func:`white_level`). Exactly white padding outside that box
     holds no data. The whole image when nothing was scanned."""
-    img = _channels(rgb)
-    scanned = img.min(axis=-1) < white_level(img.dtype)
-    rows, cols = np.flatnonzero(scanned.any(axis=1)), np.flatnonzero(scanned.any(axis=0))
+    data = scanned(rgb)
+    rows, cols = np.flatnonzero(data.any(axis=1)), np.flatnonzero(data.any(axis=0))
     if rows.size == 0:
-        return slice(0, img.shape[0]), slice(0, img.shape[1])
+        return slice(0, data.shape[0]), slice(0, data.shape[1])
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
@@ -148,8 +154,8 @@ def tissue_mask(
         return np.zeros(od.shape, bool)
     # exactly white pixels are padding (no data): a wide white margin would otherwise pull
     # Otsu's threshold between padding and glass, and the whole scanned area would be "tissue"
-    scanned = od[_channels(rgb).min(axis=-1) < white_level(rgb.dtype)]
-    otsu = float(threshold_otsu(scanned if scanned.size >= 0.01 * od.size else od))
+    data = od[scanned(rgb)]
+    otsu = float(threshold_otsu(data if data.size >= 0.01 * od.size else od))
     glass = glass_level(rgb, od, otsu)
     if glass is not None:
         thr = min(otsu, glass.level + max(5.0 * glass.spread, 0.04))
