@@ -66,24 +66,42 @@ def _alive_in_session(sid: int) -> list[str]:
 
 def _interrupt(out: Path, how: str) -> tuple[int, str, float, list[str]]:
     """Start ``register`` into ``out``, signal it once its first stage runs; returns the exit
-    status, stderr, seconds from signal to exit, and what still runs in its session."""
-    p = subprocess.Popen(
-        _register_cmd(out), stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=ROOT
-    )
-    t0 = time.monotonic()
-    while not (out / "ingest").exists() and time.monotonic() - t0 < 120:
-        time.sleep(0.1)
-    assert (out / "ingest").exists(), "the run never started its first stage"
-    time.sleep(1.0)
-    sent = time.monotonic()
-    if how == "ctrl-c":
-        os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
-    else:
-        os.kill(p.pid, signal.SIGTERM)  # a scheduler or `kill`: the command only
-    _, err = p.communicate(timeout=120)
-    took = time.monotonic() - sent
-    time.sleep(1.0)
-    return p.returncode, err, took, _alive_in_session(p.pid)
+    status, stderr, seconds from signal to exit, and what still ran in its session (killed
+    afterwards, so that a failing test leaves nothing behind)."""
+    log = out.parent / f"{out.name}-stderr.txt"
+    with open(log, "w") as err_file:
+        p = subprocess.Popen(
+            _register_cmd(out),
+            stdout=subprocess.DEVNULL,  # not a pipe: orphans holding it would hang the reader
+            stderr=err_file,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+    try:
+        t0 = time.monotonic()
+        while not (out / "ingest").exists() and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        assert (out / "ingest").exists(), "the run never started its first stage"
+        time.sleep(1.0)
+        sent = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+        elif how == "term":
+            os.kill(p.pid, signal.SIGTERM)  # a scheduler or `kill`: the command only
+        else:
+            os.kill(p.pid, signal.SIGKILL)  # `kill -9`, the out-of-memory killer: no handler
+        p.wait(timeout=120)
+        took = time.monotonic() - sent
+        # SIGKILL: the watchdog notices within its poll interval, then terminates the children
+        settle = time.monotonic() + (1.0 if how != "kill" else 15.0)
+        while True:
+            time.sleep(0.5)
+            alive = _alive_in_session(p.pid)
+            if not alive or time.monotonic() > settle:
+                return p.returncode, log.read_text(), took, alive
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> None:
@@ -114,6 +132,46 @@ def test_sigterm_stops_the_command_and_its_prefect_server(tmp_path: Path) -> Non
     assert code == 143 and took < 10
     assert "interrupted" in err
     assert alive == []
+
+
+def test_sigkill_leaves_no_prefect_server_or_workers_behind(tmp_path: Path) -> None:
+    """SIGKILL (kill -9, the out-of-memory killer) used to leave the temporary Prefect server
+    running as an orphan: no handler runs in a process killed that way, so a watchdog process
+    terminates the command's children once the command is gone."""
+    code, _, _, alive = _interrupt(tmp_path / "run", "kill")
+    print(f"\nSIGKILL: exit {code}, still running in the session: {alive}")
+    assert code == -signal.SIGKILL
+    assert alive == []
+
+
+_PARENT = """
+import subprocess, sys, time
+from wsireg_flow.watchdog import start_watchdog, stop_watchdog
+dog = start_watchdog()
+child = subprocess.Popen(["sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(1.5)  # the watchdog has seen the child
+if sys.argv[1] == "normal":
+    stop_watchdog(dog)
+"""
+
+
+@pytest.mark.parametrize("end", ["normal", "forgot"])
+def test_watchdog_acts_only_when_the_command_did_not_stop_it(end: str) -> None:
+    """A command that ends normally stops its watchdog, which then leaves every process alone;
+    a watchdog left running (its command gone without a word) terminates the children."""
+    r = subprocess.run(
+        [sys.executable, "-c", _PARENT, end], capture_output=True, text=True, check=True
+    )
+    child = int(r.stdout.split()[0])
+    try:
+        time.sleep(2.0)
+        alive = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True)
+        running = alive.stdout.strip() not in (b"", b"Z")
+        assert running == (end == "normal")
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from wsireg_flow.config import (
 )
 from wsireg_flow.errors import ConfigError, InputError, WsiregError, output_error
 from wsireg_flow.stages import check_unlocked, check_writable_dir
+from wsireg_flow.watchdog import descendants, start_watchdog, stop_watchdog
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -494,30 +495,6 @@ def build_parser() -> argparse.ArgumentParser:
 ORCHESTRATED = frozenset({"register", "stack", "anhir", "serve"})
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids of every descendant of ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @contextmanager
 def _interrupts(command: str) -> Iterator[None]:
     """How SIGINT (Ctrl-C) and SIGTERM stop a command.
@@ -526,7 +503,9 @@ def _interrupts(command: str) -> Iterator[None]:
     Prefect server, Dask workers) terminated, exit status 128 + signal. Every stage writes
     its outputs under temporary names and renames them when complete, so a re-run resumes
     from the last finished stage. Other commands turn SIGTERM into the KeyboardInterrupt of
-    Ctrl-C, so their clean-up (partial outputs removed) runs as it does for Ctrl-C.
+    Ctrl-C, so their clean-up (partial outputs removed) runs as it does for Ctrl-C. Against
+    SIGKILL, which no handler sees, orchestrated commands start a watchdog process
+    (:mod:`wsireg_flow.watchdog`) that terminates their child processes once they are gone.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -538,7 +517,7 @@ def _interrupts(command: str) -> Iterator[None]:
             file=sys.stderr,
             flush=True,
         )
-        for pid in _descendants(os.getpid()):
+        for pid in descendants(os.getpid()):
             try:
                 os.kill(pid, signal.SIGTERM)
             except OSError:
@@ -549,14 +528,17 @@ def _interrupts(command: str) -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    watchdog = None
     if command in ORCHESTRATED:
         signal.signal(signal.SIGINT, stop_now)
         signal.signal(signal.SIGTERM, stop_now)
+        watchdog = start_watchdog()  # for SIGKILL, which no handler sees
     else:
         signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
+        stop_watchdog(watchdog)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
