@@ -56,7 +56,8 @@ from wsireg_flow.field import load_field
 from wsireg_flow.geometry import apply_affine
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import read_landmarks
-from wsireg_flow.pipeline import PAIR_STAGES, load_tiles
+from wsireg_flow.pipeline import PAIR_STAGES
+from wsireg_flow.tilestore import load_tiles
 from wsireg_flow.transform import Transform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -118,8 +118,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         check_inputs,
         check_run_dir,
         job_is_complete,
-        registration_quality,
     )
+    from wsireg_flow.qc import registration_quality
 
     cfg = _config(args)
     job = PairJob(

@@ -23,38 +23,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, RegistrationError, WsiregError
-from wsireg_flow.field import jacobian_determinant, sample
 from wsireg_flow.io.omezarr import atomic_directory, ingest
 from wsireg_flow.io.slide import Slide, open_slide, probe_shape
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
 from wsireg_flow.metrics import score_pair
-from wsireg_flow.nonrigid import TileResult
 from wsireg_flow.parallel import describe_scheduler
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.qc import (
-    checkerboard,
-    deformation_grid_figure,
-    html_report,
-    jacobian_figure,
-    overlay,
-    preview,
-    save_figure,
-    tissue_figure,
-)
+from wsireg_flow.qc import html_report, metrics_rows, qc_figures
 from wsireg_flow.register import (
     LevelReport,
-    LevelTiles,
     Prepared,
     coarse,
     finalize,
@@ -75,8 +61,9 @@ from wsireg_flow.stages import (
     resolved_path,
     run_dir_lock,
     run_stage,
-    temp_sibling,
+    write_json,
 )
+from wsireg_flow.tilestore import load_tiles, report_from_dict, report_to_dict, save_tiles
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
 
@@ -93,107 +80,6 @@ PAIR_STAGES = (
     "evaluate",
     "qc",
 )
-
-
-# -- small atomic writers ----------------------------------------------------------------------
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    tmp.write_text(json.dumps(data, indent=2, default=_default))
-    os.replace(tmp, path)
-
-
-def _default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, path)
-
-
-# -- (de)serialising stage state ---------------------------------------------------------------
-def _report_to_dict(r: LevelReport) -> dict[str, Any]:
-    d = {k: v for k, v in vars(r).items() if k != "confidence_map"}
-    d["confidence_map"] = np.where(np.isnan(r.confidence_map), None, r.confidence_map).tolist()
-    return d
-
-
-def _report_from_dict(d: dict[str, Any]) -> LevelReport:
-    d = dict(d)
-    conf = np.array(
-        [[np.nan if v is None else v for v in row] for row in d.pop("confidence_map")], np.float32
-    )
-    d["shape"] = tuple(d["shape"])
-    return LevelReport(**d, confidence_map=conf)
-
-
-def save_tiles(path: Path, t: LevelTiles) -> None:
-    """Write one level's tile results (residuals, weights, statuses) to an ``.npz`` (no pickles)."""
-    arrays: dict[str, np.ndarray] = {"prior": t.prior, "mask": t.mask}
-    meta = {
-        "target_level": t.target_level,
-        "source_level": t.source_level,
-        "shape": t.shape,
-        "downsample": t.downsample,
-        "seconds": t.seconds,
-        "tiles": [],
-    }
-    for i, r in enumerate(t.results):
-        if r.residual is not None and r.weight is not None:
-            arrays[f"residual_{i}"], arrays[f"weight_{i}"] = r.residual, r.weight
-        meta["tiles"].append(
-            {
-                "box": r.box,
-                "confidence": r.confidence,
-                "tissue": r.tissue,
-                "ncc_before": r.ncc_before,
-                "ncc_after": r.ncc_after,
-                "status": r.status,
-            }
-        )
-    arrays["meta"] = np.frombuffer(json.dumps(meta, default=_default).encode(), np.uint8)
-    _save_npz(path, **arrays)
-
-
-def load_tiles(path: Path) -> LevelTiles:
-    """Read the tile results written by :func:`save_tiles`."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        results = []
-        for i, m in enumerate(meta["tiles"]):
-            res = z[f"residual_{i}"] if f"residual_{i}" in z else None
-            w = z[f"weight_{i}"] if f"weight_{i}" in z else None
-            results.append(
-                TileResult(
-                    tuple(m["box"]),
-                    res,
-                    w,
-                    m["confidence"],
-                    m["tissue"],  # type: ignore[arg-type]
-                    m["ncc_before"],
-                    m["ncc_after"],
-                    m["status"],
-                )
-            )
-        return LevelTiles(
-            meta["target_level"],
-            meta["source_level"],
-            tuple(meta["shape"]),  # type: ignore[arg-type]
-            meta["downsample"],
-            z["prior"],
-            z["mask"],
-            results,
-            meta["seconds"],
-        )
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -403,7 +289,7 @@ def stage_nonrigid(
         outputs.append("nonrigid/tiles.npz")
     record = {
         "scheduler": describe_scheduler(scheduler),
-        "levels": [_report_to_dict(r) for r in reports],
+        "levels": [report_to_dict(r) for r in reports],
     }
     write_json(job.run_dir / "nonrigid" / "levels.json", record)
     return outputs
@@ -425,7 +311,7 @@ def stage_stitch(job: PairJob) -> list[str]:
     with atomic_directory(job.run_dir / "transform", overwrite=True) as tmp:
         transform.save(tmp)
     write_json(
-        job.run_dir / "stitch.json", {"level": None if report is None else _report_to_dict(report)}
+        job.run_dir / "stitch.json", {"level": None if report is None else report_to_dict(report)}
     )
     return ["transform", "stitch.json"]
 
@@ -452,7 +338,7 @@ def level_reports(job: PairJob) -> list[LevelReport]:
     """Reports of every non-rigid level of a finished run, coarsest first."""
     levels = json.loads((job.run_dir / "nonrigid" / "levels.json").read_text())["levels"]
     final = json.loads((job.run_dir / "stitch.json").read_text())["level"]
-    return [_report_from_dict(d) for d in [*levels, *([final] if final else [])]]
+    return [report_from_dict(d) for d in [*levels, *([final] if final else [])]]
 
 
 def stage_evaluate(job: PairJob) -> list[str]:
@@ -464,7 +350,7 @@ def stage_evaluate(job: PairJob) -> list[str]:
         "inputs": job.describe(),
         "rigid": rigid,
         "levels": [
-            {k: v for k, v in _report_to_dict(r).items() if k != "confidence_map"} for r in reports
+            {k: v for k, v in report_to_dict(r).items() if k != "confidence_map"} for r in reports
         ],
         "folding_fraction": max((r.folding_fraction for r in reports), default=0.0),
         "stage_seconds": _stage_seconds(job.run_dir),
@@ -495,19 +381,6 @@ def _stage_seconds(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Quality figures of a finished pair from its ``metrics.json`` dict: the coarse method, the
-    finest level's accepted / total tiles and mean tile confidence, and the folding fraction."""
-    finest = (metrics.get("levels") or [{}])[-1]
-    return {
-        "coarse_method": metrics["rigid"]["method"],
-        "tiles_ok": finest.get("tiles_ok", 0),
-        "tiles": finest.get("tiles", 0),
-        "mean_confidence": finest.get("mean_confidence"),
-        "folding_fraction": float(metrics.get("folding_fraction") or 0.0),
-    }
-
-
 def stage_qc(job: PairJob) -> list[str]:
     """QC figures (``qc/*.png``) and the self-contained ``qc/report.html``."""
     transform = Transform.load(job.run_dir / "transform")
@@ -532,36 +405,6 @@ def stage_qc(job: PairJob) -> list[str]:
         [("Registration", metrics_rows(metrics), paths)],
     )
     return [str(p.relative_to(job.run_dir)) for p in [*paths, report]]
-
-
-def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, object]]:
-    """The metrics table of the QC page, from ``metrics.json`` content."""
-    rigid = metrics.get("rigid", {})
-    rows: list[tuple[str, object]] = [
-        ("target", metrics.get("inputs", {}).get("target")),
-        ("source", metrics.get("inputs", {}).get("source")),
-        ("coarse method", rigid.get("method")),
-        (
-            "coarse scale / rotation (deg)",
-            f"{rigid.get('scale', 0):.4f} / {rigid.get('rotation_deg', 0):.2f}",
-        ),
-        ("mirrored", rigid.get("flipped")),
-        ("folding share (max over levels)", metrics.get("folding_fraction")),
-    ]
-    for lv in metrics.get("levels", []):
-        rows.append(
-            (
-                f"level {lv['target_level']} tiles ok / total",
-                f"{lv['tiles_ok']} / {lv['tiles']} (mean confidence {lv['mean_confidence']:.3f})",
-            )
-        )
-    lm = metrics.get("landmarks")
-    if lm:
-        for k in ("initial_median_rtre", "median_rtre", "mean_rtre", "max_rtre", "robustness"):
-            rows.append((k, lm[k]))
-    for name, sec in metrics.get("stage_seconds", {}).items():
-        rows.append((f"stage {name} (s)", sec))
-    return rows
 
 
 def landmark_outputs(
@@ -607,89 +450,6 @@ def landmark_outputs(
         **score.to_dict(),
         "target_to_source_median_rtre": float(np.median(target_space)),
     }
-
-
-def qc_figures(
-    target: Slide,
-    source: Slide,
-    warped: Slide,
-    transform: Transform,
-    reports: Sequence[LevelReport],
-    qc_dir: Path,
-    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
-    size: int = 1024,
-    masks: tuple[np.ndarray, np.ndarray] | None = None,
-) -> list[Path]:
-    """QC PNGs: overlays before/after, landmark arrows before/after (when given), checkerboard,
-    tile confidence per level, the (target, source) tissue masks (when given, (y, x) bool over
-    each whole slide), deformation grid and Jacobian map."""
-    t_img, dt = preview(target, size)
-    w_img, _ = preview(warped, size)
-    w_img = cv2.resize(w_img, (t_img.shape[1], t_img.shape[0]), interpolation=cv2.INTER_AREA)
-    s_img, ds = preview(source, int(size * max(source.shapes[0][:2]) / max(target.shapes[0][:2])))
-    before = np.full_like(t_img, 255)
-    hh, ww = min(before.shape[0], s_img.shape[0]), min(before.shape[1], s_img.shape[1])
-    before[:hh, :ww] = s_img[:hh, :ww]
-    paths = [
-        save_figure(
-            qc_dir / "overlay.png",
-            [
-                ("before (target red, source green)", overlay(t_img, before)),
-                ("after", overlay(t_img, w_img)),
-            ],
-            "Registration overlay",
-        ),
-    ]
-    if landmarks is not None:
-        t_pts, s_pts = landmarks
-        warped_pts = transform.source_to_target(s_pts)
-        paths.append(
-            save_figure(
-                qc_dir / "landmarks.png",
-                [("before: source -> target", t_img), ("after: warped source -> target", t_img)],
-                "Landmark errors (arrows end at the target landmarks)",
-                [(s_pts / ds, t_pts / dt), (warped_pts / dt, t_pts / dt)],
-            )
-        )
-    paths += [
-        save_figure(
-            qc_dir / "checkerboard.png", [("checkerboard after", checkerboard(t_img, w_img))]
-        ),
-    ]
-    if reports:
-        panels = [
-            (f"level {r.target_level} tile confidence", np.nan_to_num(r.confidence_map, nan=0.0))
-            for r in reports
-        ]
-        paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
-    if masks is not None:
-        paths.append(
-            tissue_figure(
-                qc_dir / "tissue.png", [("target", t_img, masks[0]), ("source", s_img, masks[1])]
-            )
-        )
-    f = transform.backward
-    if f is not None:
-        h, w = t_img.shape[:2]
-        centres_y = (np.arange(h) + 0.5) * dt - 0.5
-        centres_x = (np.arange(w) + 0.5) * dt - 0.5
-        yy, xx = np.meshgrid(
-            (centres_y - f.origin) / f.spacing, (centres_x - f.origin) / f.spacing, indexing="ij"
-        )
-        residual = sample(f.data, yy, xx) / np.float32(dt)
-        peak = float(np.abs(residual).max())
-        gain = float(np.clip(8.0 / peak, 1.0, 10.0)) if peak > 0 else 1.0
-        paths.append(
-            deformation_grid_figure(
-                qc_dir / "deformation-grid.png", t_img, residual, dt, gain=round(gain, 1)
-            )
-        )
-        paths.append(
-            jacobian_figure(
-                qc_dir / "jacobian.png", jacobian_determinant(f.data / np.float32(f.spacing))
-            )
-        )
-    return paths
 
 
 # -- running ----------------------------------------------------------------------------------

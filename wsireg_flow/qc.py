@@ -1,5 +1,6 @@
 """Quality-control figures (PNG): overlays before/after, checkerboard, confidence, landmarks,
-tissue masks.
+tissue masks, deformation grid, Jacobian map; the self-contained HTML page that shows them with
+a run's metrics table (:func:`qc_figures`, :func:`metrics_rows`, :func:`html_report`).
 
 All images are low-resolution previews (the target level closest to ``size`` px), built from
 (y, x, c) arrays; landmark points are (x, y) level-0 pixels.
@@ -8,7 +9,9 @@ All images are low-resolution previews (the target level closest to ``size`` px)
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import matplotlib
@@ -17,10 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from wsireg_flow.field import jacobian_determinant, sample
 from wsireg_flow.io.slide import Slide
 from wsireg_flow.pyramid import level_for_max_side
+from wsireg_flow.register import LevelReport
 from wsireg_flow.stages import temp_sibling
 from wsireg_flow.tissue import optical_density, white_level
+from wsireg_flow.transform import Transform
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -242,3 +248,129 @@ def html_report(
     tmp.write_text("\n".join(parts), encoding="utf-8")
     os.replace(tmp, p)
     return p
+
+
+def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Quality figures of a finished pair from its ``metrics.json`` dict: the coarse method, the
+    finest level's accepted / total tiles and mean tile confidence, and the folding fraction."""
+    finest = (metrics.get("levels") or [{}])[-1]
+    return {
+        "coarse_method": metrics["rigid"]["method"],
+        "tiles_ok": finest.get("tiles_ok", 0),
+        "tiles": finest.get("tiles", 0),
+        "mean_confidence": finest.get("mean_confidence"),
+        "folding_fraction": float(metrics.get("folding_fraction") or 0.0),
+    }
+
+
+def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, object]]:
+    """The metrics table of the QC page, from ``metrics.json`` content."""
+    rigid = metrics.get("rigid", {})
+    rows: list[tuple[str, object]] = [
+        ("target", metrics.get("inputs", {}).get("target")),
+        ("source", metrics.get("inputs", {}).get("source")),
+        ("coarse method", rigid.get("method")),
+        (
+            "coarse scale / rotation (deg)",
+            f"{rigid.get('scale', 0):.4f} / {rigid.get('rotation_deg', 0):.2f}",
+        ),
+        ("mirrored", rigid.get("flipped")),
+        ("folding share (max over levels)", metrics.get("folding_fraction")),
+    ]
+    for lv in metrics.get("levels", []):
+        rows.append(
+            (
+                f"level {lv['target_level']} tiles ok / total",
+                f"{lv['tiles_ok']} / {lv['tiles']} (mean confidence {lv['mean_confidence']:.3f})",
+            )
+        )
+    lm = metrics.get("landmarks")
+    if lm:
+        for k in ("initial_median_rtre", "median_rtre", "mean_rtre", "max_rtre", "robustness"):
+            rows.append((k, lm[k]))
+    for name, sec in metrics.get("stage_seconds", {}).items():
+        rows.append((f"stage {name} (s)", sec))
+    return rows
+
+
+def qc_figures(
+    target: Slide,
+    source: Slide,
+    warped: Slide,
+    transform: Transform,
+    reports: Sequence[LevelReport],
+    qc_dir: Path,
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+    size: int = 1024,
+    masks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[Path]:
+    """QC PNGs: overlays before/after, landmark arrows before/after (when given), checkerboard,
+    tile confidence per level, the (target, source) tissue masks (when given, (y, x) bool over
+    each whole slide), deformation grid and Jacobian map."""
+    t_img, dt = preview(target, size)
+    w_img, _ = preview(warped, size)
+    w_img = cv2.resize(w_img, (t_img.shape[1], t_img.shape[0]), interpolation=cv2.INTER_AREA)
+    s_img, ds = preview(source, int(size * max(source.shapes[0][:2]) / max(target.shapes[0][:2])))
+    before = np.full_like(t_img, 255)
+    hh, ww = min(before.shape[0], s_img.shape[0]), min(before.shape[1], s_img.shape[1])
+    before[:hh, :ww] = s_img[:hh, :ww]
+    paths = [
+        save_figure(
+            qc_dir / "overlay.png",
+            [
+                ("before (target red, source green)", overlay(t_img, before)),
+                ("after", overlay(t_img, w_img)),
+            ],
+            "Registration overlay",
+        ),
+    ]
+    if landmarks is not None:
+        t_pts, s_pts = landmarks
+        warped_pts = transform.source_to_target(s_pts)
+        paths.append(
+            save_figure(
+                qc_dir / "landmarks.png",
+                [("before: source -> target", t_img), ("after: warped source -> target", t_img)],
+                "Landmark errors (arrows end at the target landmarks)",
+                [(s_pts / ds, t_pts / dt), (warped_pts / dt, t_pts / dt)],
+            )
+        )
+    paths += [
+        save_figure(
+            qc_dir / "checkerboard.png", [("checkerboard after", checkerboard(t_img, w_img))]
+        ),
+    ]
+    if reports:
+        panels = [
+            (f"level {r.target_level} tile confidence", np.nan_to_num(r.confidence_map, nan=0.0))
+            for r in reports
+        ]
+        paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
+    if masks is not None:
+        paths.append(
+            tissue_figure(
+                qc_dir / "tissue.png", [("target", t_img, masks[0]), ("source", s_img, masks[1])]
+            )
+        )
+    f = transform.backward
+    if f is not None:
+        h, w = t_img.shape[:2]
+        centres_y = (np.arange(h) + 0.5) * dt - 0.5
+        centres_x = (np.arange(w) + 0.5) * dt - 0.5
+        yy, xx = np.meshgrid(
+            (centres_y - f.origin) / f.spacing, (centres_x - f.origin) / f.spacing, indexing="ij"
+        )
+        residual = sample(f.data, yy, xx) / np.float32(dt)
+        peak = float(np.abs(residual).max())
+        gain = float(np.clip(8.0 / peak, 1.0, 10.0)) if peak > 0 else 1.0
+        paths.append(
+            deformation_grid_figure(
+                qc_dir / "deformation-grid.png", t_img, residual, dt, gain=round(gain, 1)
+            )
+        )
+        paths.append(
+            jacobian_figure(
+                qc_dir / "jacobian.png", jacobian_determinant(f.data / np.float32(f.spacing))
+            )
+        )
+    return paths

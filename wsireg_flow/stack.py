@@ -31,9 +31,9 @@ from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, WsiregError
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
-from wsireg_flow.pipeline import PairJob, job_is_complete, registration_quality, write_json
+from wsireg_flow.pipeline import PairJob, job_is_complete
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.qc import html_report, overlay, preview, save_figure
+from wsireg_flow.qc import html_report, overlay, preview, registration_quality, save_figure
 from wsireg_flow.stages import (
     empty_run_dir,
     fingerprint,
@@ -42,6 +42,7 @@ from wsireg_flow.stages import (
     remove_partials,
     resolved_path,
     run_stage,
+    write_json,
 )
 from wsireg_flow.transform import Transform, TransformChain
 from wsireg_flow.warp import warp_slide

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from wsireg_flow import __version__
 from wsireg_flow.errors import WsiregError
 
@@ -277,3 +279,21 @@ def run_stage(run_dir: Path, name: str, fp: str, fn: Callable[[], Sequence[str]]
     outputs = fn()
     mark_complete(run_dir, name, fp, outputs, time.perf_counter() - t0)
     return True
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    tmp.write_text(json.dumps(data, indent=2, default=json_default))
+    os.replace(tmp, path)
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps`` default: numpy scalars and arrays as Python numbers and lists, anything
+    else as its string."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
