@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from wsireg_flow.config import Config
 from wsireg_flow.field import resize_field, tile_boxes
-from wsireg_flow.nonrigid import register_tile, resample_composed
+from wsireg_flow.nonrigid import estimate_flow, register_tile, resample_composed
 from wsireg_flow.register import _job
 from wsireg_flow.synthetic import colorize, density_tile
 from wsireg_flow.tissue import IntensityStats, intensity_stats, optical_density
@@ -113,3 +113,21 @@ def test_resample_composed_interpolates_once_through_the_composed_map() -> None:
     want = cv2.remap(image, 1.1 * px + 0.2 * py + 20.0, -0.1 * px + 0.9 * py + 30.0,
                      cv2.INTER_LINEAR)  # fmt: skip
     np.testing.assert_allclose(got[3:-3, 3:-3], want[3:-3, 3:-3], atol=1e-3)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_variational_flow_recovers_a_uniform_shift(sigma: float) -> None:
+    """The coarse-to-fine variational flow converges: with 5 fixed-point x 10 SOR iterations
+    per level it fell 9 % short of this shift (2.74 of 3 px at sigma 1)."""
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.random((400, 400)).astype(np.float32), (0, 0), sigma)
+    img = (img - img.min()) / (img.max() - img.min())
+    xs, ys = np.meshgrid(np.arange(400, dtype=np.float32), np.arange(400, dtype=np.float32))
+    # moving(p) = img(p + (3, 1.5)) as (x, y): target(p) = img(p) = moving(p - (3, 1.5))
+    moving = cv2.remap(img, xs + 3.0, ys + 1.5, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    for method in ("variational", "dis+variational"):
+        flow = estimate_flow(img, moving, method)  # (dy, dx): target(p) = moving(p + flow)
+        inner = flow[:, 80:-80, 80:-80]
+        print(f"\n[{method}, sigma {sigma}] median (dy, dx) = {np.median(inner, axis=(1, 2))}")
+        assert abs(float(np.median(inner[0])) + 1.5) < 0.03
+        assert abs(float(np.median(inner[1])) + 3.0) < 0.03

@@ -136,7 +136,11 @@ class NonrigidConfig(_Section):
     tile: int = Field(512, ge=64, le=4096, description="Tile side (px) at the working level.")
     overlap: int = Field(128, ge=0, description="Overlap (px) between neighbouring tiles.")
     margin: int = Field(32, ge=0, description="Extra source crop margin (px) around a tile.")
-    method: Literal["dis", "farneback"] = "dis"
+    method: Literal["dis+variational", "dis", "variational", "farneback"] = Field(
+        "dis+variational",
+        description="Tile flow: the mean of DIS and a coarse-to-fine variational flow, or one "
+        "of them, or Farneback (see wsireg_flow.nonrigid.estimate_flow).",
+    )
     min_tile_tissue: float = Field(
         0.05, ge=0, le=1, description="Tiles with less tissue are skipped."
     )
