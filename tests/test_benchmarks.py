@@ -100,3 +100,37 @@ def test_resized_sources_benchmark_recovers_the_scale(tmp_path: Path) -> None:
     orig = read_landmarks(src / "29-041-Izd2-w35-Cc10-5-les3.csv")
     moved = read_landmarks(out / "pair-2" / "x1.7" / "inputs" / "source.csv")
     np.testing.assert_allclose(moved, (orig + 0.5) * 1.7 - 0.5, atol=1e-6)
+
+
+def test_field_regularity_measures_warped_squares_and_stretch() -> None:
+    """A backward affine that halves (target -> source scale 0.5) maps a 2 px source square to
+    a 4 px target square; a residual field that stretches one band 3x is outside [0.5, 2]
+    exactly there."""
+    from benchmarks_anhir.field_regularity import stretched_share, warped_square_sides
+    from wsireg_flow.field import StoredField
+    from wsireg_flow.transform import Transform
+
+    affine = np.array([[0.5, 0.0, 10.0], [0.0, 0.5, -4.0], [0.0, 0.0, 1.0]])
+    t = Transform(affine, None, None, (200, 200), (100, 100))
+    sides = warped_square_sides(t, np.array([[20.0, 30.0], [55.5, 12.25]]))
+    np.testing.assert_allclose(sides, [4.0, 4.0], atol=1e-9)
+    assert stretched_share(t) == 0.0
+    # residual dx = 2 x on columns 40-59 (d(x + r)/dx = 3 there), constant elsewhere
+    data = np.zeros((2, 100, 100), np.float32)
+    ramp = np.clip(np.arange(100) - 40, 0, 20).astype(np.float32) * 2
+    data[1] = ramp[None, :]
+    field = StoredField(data, 1.0, 0.0, {})
+    share = stretched_share(Transform(np.eye(3), field, None, (100, 100), (100, 100)))
+    assert share == pytest.approx(0.20, abs=0.02)
+
+
+def test_field_regularity_refuses_a_folder_that_is_not_a_finished_run(tmp_path: Path) -> None:
+    proc = _run_module(
+        "benchmarks_anhir.field_regularity",
+        *(str(tmp_path), "--dataset", "data/anhir-sample"),
+        *("--pairs", "data/anhir-sample/dataset.csv"),
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"{tmp_path}: not a finished `wsireg-flow anhir` folder (no summary.json)"
+    )
