@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,124 @@ def test_field_regularity_refuses_a_folder_that_is_not_a_finished_run(tmp_path: 
     assert proc.stderr.strip() == (
         f"{tmp_path}: not a finished `wsireg-flow anhir` folder (no summary.json)"
     )
+
+
+# -- compare_valis: no VALIS needed (CI has none) ------------------------------------------------
+def test_compare_valis_refuses_in_one_line_without_a_valis_python(tmp_path: Path) -> None:
+    """A missing interpreter, and one without valis-wsi (this venv), are refused before any
+    work, with one line saying how to create the VALIS environment."""
+    dataset = ROOT / "data" / "anhir-sample"
+    for python in (tmp_path / "no-such" / "python", Path(sys.executable)):
+        r = _run_module(
+            "benchmarks_anhir.compare_valis",
+            *("--dataset", str(dataset), "--pairs", str(dataset / "dataset.csv")),
+            *("--out", str(tmp_path / "out"), "--valis-python", str(python)),
+        )
+        assert r.returncode == 1
+        (line,) = r.stderr.strip().splitlines()
+        assert str(python) in line and "python3 -m venv" in line and "pip install" in line
+        assert "valis-wsi" in line
+        assert not (tmp_path / "out").exists()  # refused before running anything
+
+
+def _points_csv(path: Path, rows: list[tuple[float, float]]) -> Path:
+    path.write_text(",X,Y\n" + "".join(f"{i},{x},{y}\n" for i, (x, y) in enumerate(rows, 1)))
+    return path
+
+
+def _tiny_dataset(root: Path) -> Path:
+    """Two pairs of 4 target / 5 source landmarks (every initial error 5 px, diagonal 100 px)."""
+    root.mkdir()
+    target = [(10.0, 10.0), (20.0, 10.0), (30.0, 30.0), (40.0, 40.0)]
+    _points_csv(root / "t.csv", target)
+    _points_csv(root / "s.csv", [(x + 3, y + 4) for x, y in target] + [(1.0, 1.0)])
+    head = (
+        ",Target image,Source image,Target landmarks,Source landmarks,status,"
+        "Image size [pixels],Image diagonal [pixels]\n"
+    )
+    rows = "".join(f'{i},t.jpg,s{i}.jpg,t.csv,s.csv,training,"(60, 80)",100.0\n' for i in "AB")
+    (root / "pairs.csv").write_text(head + rows)
+    return root / "pairs.csv"
+
+
+def test_compare_valis_scores_driver_output_the_anhir_way(tmp_path: Path) -> None:
+    """The driver's CSV (written by its own writer, NaN as an empty cell) scored with
+    wsireg_flow.metrics: first min(N) rows, rTRE / target diagonal, NaN and a failed pair at the
+    initial error, robustness strict."""
+    from benchmarks_anhir.compare_valis import MethodResult, score_results, summarise
+    from benchmarks_anhir.valis_driver import write_xy
+    from wsireg_flow.landmarks import read_pair_table
+
+    pairs = read_pair_table(_tiny_dataset(tmp_path / "d"))
+    warped = tmp_path / "warped-source-nonrigid.csv"
+    # TRE 0, 5 (= initial: not robust), NaN (unregistered), 10 (worse)
+    write_xy(warped, np.array([[10, 10], [23, 14], [np.nan, np.nan], [46, 48]], dtype=float))
+    assert warped.read_text().splitlines()[3] == "3,,"
+    results = {"A": MethodResult(warped, 0.5), "B": MethodResult(None, None, "boom")}
+    a, b = score_results(tmp_path / "d", pairs, results)
+    assert (a.n_landmarks, a.n_unregistered, a.registered) == (4, 1, True)
+    assert a.median_rtre == pytest.approx(0.05) and a.mean_rtre == pytest.approx(0.05)
+    assert a.max_rtre == pytest.approx(0.10) and a.robustness == pytest.approx(0.25)
+    assert (b.registered, b.median_rtre, b.robustness) == (False, pytest.approx(0.05), 0.0)
+    summary = summarise(pairs, {"valis": [a, b]}, {"valis": results})
+    agg = summary["aggregates"]["valis"]
+    assert agg["AMrTRE"] == pytest.approx(0.05) and agg["AMxrTRE"] == pytest.approx(0.075)
+    assert agg["average_robustness"] == pytest.approx(0.125) and agg["failed_pairs"] == 1
+    assert agg["minutes_per_pair"] == pytest.approx(0.5)
+    assert summary["pairs"][1]["valis"]["error"] == "boom"
+
+
+FAKE_VALIS_PYTHON = """#!{python}
+# Stands in for a VALIS environment's python: answers the version probe, and for the driver
+# writes what the real driver would (a shift of (-3, -4): the source landmarks land exactly).
+import json, sys
+from dataclasses import replace
+from pathlib import Path
+if sys.argv[1] == "-c":
+    print("1.2.0")
+    raise SystemExit(0)
+args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
+work = Path(args["--work"])
+rows = Path(args["--source-landmarks"]).read_text().splitlines()[1:]
+pts = [tuple(float(v) for v in r.split(",")[1:]) for r in rows]
+(work / "warped-source-nonrigid.csv").write_text(
+    ",X,Y\\n" + "".join(f"{{i}},{{x - 3}},{{y - 4}}\\n" for i, (x, y) in enumerate(pts, 1))
+)
+report = {{"seconds": {{"register": 30.0}}, "errors": {{}}}}
+if "--micro" in sys.argv:
+    report["errors"]["registration"] = "RuntimeError: micro failed"
+(work / "driver.json").write_text(json.dumps(report))
+raise SystemExit(2 if "--micro" in sys.argv else 0)
+"""
+
+
+def test_compare_valis_runs_the_driver_and_reads_a_finished_wsireg_run(tmp_path: Path) -> None:
+    """End to end with a stand-in VALIS python: the driver's CSVs and timings are scored beside
+    a finished wsireg-flow run, the table printed and the JSON written."""
+    from benchmarks_anhir.compare_valis import main
+    from wsireg_flow.landmarks import read_pair_table, write_pair_table
+
+    table = _tiny_dataset(tmp_path / "d")
+    fake = tmp_path / "valis-python"
+    fake.write_text(FAKE_VALIS_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    run = tmp_path / "wsireg-run"  # wsireg-flow: pair A off by 1 px in x, pair B failed
+    run.mkdir()
+    _points_csv(run / "A.csv", [(11.0, 10.0), (21.0, 10.0), (31.0, 30.0), (41.0, 40.0)])
+    done = [replace(p, execution_time_minutes=0.1) for p in read_pair_table(table)]
+    done[0] = replace(done[0], warped_source_landmarks="A.csv")
+    write_pair_table(run / "registration-results.csv", done)
+    out = tmp_path / "out"
+    argv = ["--dataset", str(tmp_path / "d"), "--pairs", str(table), "--out", str(out)]
+    assert main([*argv, "--valis-python", str(fake), "--micro", "--wsireg-run", str(run)]) == 0
+    doc = json.loads((out / "compare-valis.json").read_text())
+    assert doc["methods"] == ["valis-rigid", "valis", "valis-micro", "wsireg-flow"]
+    assert doc["valis_version"] == "1.2.0"
+    aggs = doc["aggregates"]
+    assert aggs["valis"]["AMrTRE"] == 0.0 and aggs["valis"]["average_robustness"] == 1.0
+    assert aggs["valis"]["minutes_per_pair"] == pytest.approx(0.5)
+    for failed in ("valis-rigid", "valis-micro"):  # no CSV written: unregistered, initial error
+        assert aggs[failed]["failed_pairs"] == 2 and aggs[failed]["AMrTRE"] == pytest.approx(0.05)
+    assert doc["pairs"][0]["valis-micro"]["error"] == "RuntimeError: micro failed"
+    assert aggs["wsireg-flow"]["AMrTRE"] == pytest.approx((0.01 + 0.05) / 2)
+    assert aggs["wsireg-flow"]["failed_pairs"] == 1
