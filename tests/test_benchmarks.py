@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -227,8 +228,8 @@ raise SystemExit(2 if "--micro" in sys.argv else 0)
 
 
 def test_compare_valis_runs_the_driver_and_reads_a_finished_wsireg_run(tmp_path: Path) -> None:
-    """End to end with a stand-in VALIS python: the driver's CSVs and timings are scored beside
-    a finished wsireg-flow run, the table printed and the JSON written."""
+    """End to end with a stand-in VALIS python: the shift check, then the driver's CSVs and
+    timings scored beside a finished wsireg-flow run, the table printed and the JSON written."""
     from benchmarks_anhir.compare_valis import main
     from wsireg_flow.landmarks import read_pair_table, write_pair_table
 
@@ -244,8 +245,16 @@ def test_compare_valis_runs_the_driver_and_reads_a_finished_wsireg_run(tmp_path:
     write_pair_table(run / "registration-results.csv", done)
     out = tmp_path / "out"
     argv = ["--dataset", str(tmp_path / "d"), "--pairs", str(table), "--out", str(out)]
-    assert main([*argv, "--valis-python", str(fake), "--micro", "--wsireg-run", str(run)]) == 0
+    cv2.imwrite(str(tmp_path / "d" / "t.jpg"), np.full((60, 80, 3), 200, np.uint8))
+    argv += ["--valis-python", str(fake), "--micro", "--wsireg-run", str(run), "--shift", "3", "4"]
+    assert main(argv) == 0
     doc = json.loads((out / "compare-valis.json").read_text())
+    check = doc["shift_check"]  # the synthetic pair: the stand-in maps the (3, 4) shift back
+    assert check["valis"] == {"median_tre_px": 0.0, "max_tre_px": 0.0}
+    assert check["reversed_mapping_tre_px"] == pytest.approx(10.0)
+    assert check["valis-micro"] == {"error": "RuntimeError: micro failed"}
+    shifted = read_landmarks(out / "shift-check" / "inputs" / "source.csv")
+    np.testing.assert_allclose(shifted, read_landmarks(tmp_path / "d" / "t.csv") + np.array([3, 4]))
     assert doc["methods"] == ["valis-rigid", "valis", "valis-micro", "wsireg-flow"]
     assert doc["valis_version"] == "1.2.0"
     aggs = doc["aggregates"]
