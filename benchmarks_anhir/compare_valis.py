@@ -15,7 +15,8 @@ rigid + non-rigid, VALIS's default result), ``valis-micro`` (then ``register_mic
 defaults; with ``--micro``) and ``wsireg-flow``. Times are wall-clock minutes per pair: for VALIS
 the ``register()`` (+ ``register_micro()``) calls, without starting Python or importing VALIS
 (both recorded in the JSON); for wsireg-flow the recorded execution time of its whole pipeline
-(ingest to QC).
+(ingest to QC). Times depend on what else the machine runs: the JSON records the load average
+at the start and the end.
 
 Setup of the VALIS environment (measured with valis-wsi 1.2.0, pyvips 3.2.0 + pyvips-binary
 8.18.7 (libvips 8.18.7), torch 2.15.0 (run on the CPU), kornia 0.9.0, opencv-contrib-python-headless
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     valis_version = check_valis_python(args.valis_python)
+    load_before = os.getloadavg()
     pairs = select_pairs(
         [q for q in read_pair_table(args.pairs) if q.target_landmarks], None, args.limit
     )
@@ -505,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "wsireg_flow_run": str(wsireg_dir),
         "wsireg_flow_config": "default",
         "machine": computer_performances(),
+        "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
         "methods": methods,
         **summary,
     }
