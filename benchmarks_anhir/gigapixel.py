@@ -76,9 +76,12 @@ class PeakRSS:
 
 
 def ensure_pair(data: Path, size: int, seed: int) -> Path:
+    """The synthetic pair ``DATA/synth-SIZE``, made again unless it is of this generator
+    version and ``seed`` (a cached pair of another seed used to be reused silently)."""
     d = data / f"synth-{size}"
     info = d / "synth.json"
-    if not info.is_file() or json.loads(info.read_text()).get("generator") != GENERATOR_VERSION:
+    made = json.loads(info.read_text()) if info.is_file() else {}
+    if (made.get("generator"), made.get("seed")) != (GENERATOR_VERSION, seed):
         t0 = time.perf_counter()
         synthesize_pair(d, (size, size), seed=seed, overwrite=True)
         print(f"synthesised {size}x{size} in {time.perf_counter() - t0:.1f} s", flush=True)
