@@ -6,6 +6,7 @@ number the README reports (at a small size), never how fast anything is.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks_anhir.compare_palom import PalomTransform
 from wsireg_flow.landmarks import read_landmarks
 from wsireg_flow.pipeline import PAIR_STAGES
 
@@ -265,3 +267,69 @@ def test_compare_valis_runs_the_driver_and_reads_a_finished_wsireg_run(tmp_path:
     assert doc["pairs"][0]["valis-micro"]["error"] == "RuntimeError: micro failed"
     assert aggs["wsireg-flow"]["AMrTRE"] == pytest.approx((0.01 + 0.05) / 2)
     assert aggs["wsireg-flow"]["failed_pairs"] == 1
+
+
+def _palom_grid(shifts_yx: list[tuple[float, float]]) -> PalomTransform:
+    """A 2x2 palom block grid (rows 0-99 / 100-199, columns 0-149 / 150-299) over a 90 degree
+    rotation plus translation, ``A (x, y) = (250 - y, x - 20)``, with one shift per block."""
+    affine = np.array([[0.0, -1.0, 250.0], [1.0, 0.0, -20.0], [0.0, 0.0, 1.0]])
+    mxs = []
+    for dy, dx in shifts_yx:
+        shift = np.eye(3)
+        shift[:2, 2] = dx, dy  # palom.align.block_affine_matrices: T(x, y) @ A
+        mxs.append(shift @ affine)
+    return PalomTransform(affine, np.array(mxs), np.array([0, 100, 200]), np.array([0, 150, 300]))
+
+
+def test_palom_block_transform_maps_landmarks_through_the_right_block() -> None:
+    tf = _palom_grid([(0.0, 0.0), (2.0, -1.0), (0.5, 3.0), (-1.0, -1.0)])
+    source = np.array([[30.0, 50.0], [150.0, 60.0], [45.0, 190.0], [np.nan, np.nan]])
+    # A p = (200, 10) in block (0, 1); (190, 130) in (1, 1); (60, 25) in (0, 0)
+    warped = tf.source_to_target(source)
+    np.testing.assert_allclose(warped[:3], [[199.0, 12.0], [189.0, 129.0], [60.0, 25.0]])
+    assert np.isnan(warped[3]).all()  # a missing landmark stays missing (scored unregistered)
+    # target -> source is what palom's warp samples: the exact inverse on these points
+    np.testing.assert_allclose(tf.target_to_source(warped[:3]), source[:3], atol=1e-9)
+    # the other direction is not the same map: using it would be the classic direction bug
+    assert np.abs(tf.target_to_source(source[:3]) - warped[:3]).max() > 100
+
+
+def test_palom_block_transform_resolves_gaps_and_overlaps_between_blocks() -> None:
+    # blocks (0, 0) and (0, 1) pulled apart by 3 px each: A p at x = 148 has no consistent block
+    gap = _palom_grid([(0.0, 3.0), (0.0, -3.0), (0.0, 0.0), (0.0, 0.0)])
+    p = np.array([[50.0, 102.0]])  # A p = (148, 30)
+    # block (0, 0) sends it to x = 151 (1.5 px past its edge at 149.5); block (0, 1) to 145
+    # (4.5 px before its edge): the nearer piece wins
+    np.testing.assert_allclose(gap.source_to_target(p), [[151.0, 30.0]])
+    # pushed together instead, both pieces show it: the one nearer the coarse affine wins
+    overlap = _palom_grid([(0.0, -1.0), (0.0, 4.0), (0.0, 0.0), (0.0, 0.0)])
+    np.testing.assert_allclose(overlap.source_to_target(p), [[147.0, 30.0]])
+
+
+def test_palom_transform_refuses_a_record_whose_matrices_do_not_fill_the_grid() -> None:
+    rec = {
+        "affine_matrix": np.eye(3).tolist(),
+        "block_affine_matrices": [np.eye(3).tolist()] * 3,
+        "block_edges_y": [0, 10, 20],
+        "block_edges_x": [0, 10, 20],
+    }
+    with pytest.raises(ValueError, match="3 block matrices for a"):
+        PalomTransform.from_record(rec)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("palom") is not None, reason="palom is installed")
+@pytest.mark.parametrize("python", ["missing", "no-palom"])
+def test_compare_palom_refuses_in_one_line_without_a_palom_python(
+    tmp_path: Path, python: str
+) -> None:
+    exe = str(tmp_path / "nowhere" / "python") if python == "missing" else sys.executable
+    r = _run_module(
+        "benchmarks_anhir.compare_palom", "--palom-python", exe, "--out", str(tmp_path / "o")
+    )
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr[-2000:]
+    reason = "does not exist" if python == "missing" else "cannot import palom"
+    assert reason in lines[0]
+    assert "python3 -m venv" in lines[0] and "pip install palom" in lines[0]
+    assert not (tmp_path / "o").exists()  # refused before doing anything
