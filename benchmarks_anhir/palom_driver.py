@@ -1,8 +1,8 @@
 """Register one slide pair with palom and write what it computed as JSON (runs in palom's venv).
 
-This file is executed by ``benchmarks_anhir.compare_palom`` with the Python of a separate venv
-that has palom installed (palom is not a dependency of wsireg-flow); it imports only palom, its
-dependencies and the standard library, never ``wsireg_flow``.
+Measured with palom 2026.4.1 (PyPI). Executed by ``benchmarks_anhir.compare_palom`` with the
+Python of a separate venv that has palom installed (palom is not a dependency of wsireg-flow);
+it imports only palom, its dependencies and the standard library, never ``wsireg_flow``.
 
 It follows palom's README recipe for a pair of (OME-)TIFF files ("Scripting / For TIFF and
 OME-TIFF files"), with palom's defaults unless stated:
