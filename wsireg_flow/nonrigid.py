@@ -16,6 +16,7 @@ keeps the current (coarse) transform there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -147,6 +148,20 @@ def variational_flow(
     return flow
 
 
+def _half_resolution(
+    flow_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], t8: np.ndarray, m8: np.ndarray
+) -> np.ndarray:
+    """``flow_fn`` run on both images at half resolution, its (h, w, 2) (dx, dy) flow brought
+    back to full resolution (4x less work for a smooth flow)."""
+    h, w = t8.shape
+    size = (max(w // 2, 1), max(h // 2, 1))
+    half = flow_fn(*(cv2.resize(x, size, interpolation=cv2.INTER_AREA) for x in (t8, m8)))
+    flow = cv2.resize(half, (w, h), interpolation=cv2.INTER_LINEAR)
+    flow[..., 0] *= w / size[0]
+    flow[..., 1] *= h / size[1]
+    return flow
+
+
 def estimate_flow(
     target: np.ndarray, moving: np.ndarray, method: str = "dis+variational"
 ) -> np.ndarray:
@@ -160,9 +175,12 @@ def estimate_flow(
       locally (up to 24 px off on the bundled ANHIR pairs, where VALIS is 7 px off).
     - ``variational``: :func:`variational_flow`, smoothness everywhere: fewer such outliers,
       a less precise median.
-    - ``dis+variational`` (default): the mean of the two. On the 8 bundled ANHIR pairs
-      (whole pipeline) AMrTRE 0.00425 -> 0.00418, AMxrTRE 0.0237 -> 0.0211, robustness
-      0.981 -> 0.987 against ``dis`` alone (``variational`` alone: 0.00447, 0.0195, 0.986).
+    - ``dis+variational`` (default): the mean of the two, the variational flow computed at
+      half resolution (it is the smooth part; at full resolution the tile flow took 2.9x the
+      time of DIS alone, now 1.45x). On the 8 bundled ANHIR pairs (whole pipeline): AMrTRE
+      0.00426, AMxrTRE 0.0210, robustness 0.987, against 0.00425, 0.0237, 0.981 for ``dis``
+      alone (full-resolution variational in the mean: 0.00418, 0.0211, 0.987; ``variational``
+      alone: 0.00447, 0.0195, 0.986).
     - ``farneback``: OpenCV's Farneback flow.
     """
     t8 = _local_normalize(cv2.GaussianBlur(target, (0, 0), 1.0))
@@ -172,7 +190,7 @@ def estimate_flow(
     elif method == "variational":
         flow = variational_flow(t8, m8)
     elif method == "dis+variational":
-        flow = (_dis_flow(t8, m8) + variational_flow(t8, m8)) / np.float32(2.0)
+        flow = (_dis_flow(t8, m8) + _half_resolution(variational_flow, t8, m8)) / np.float32(2.0)
     elif method == "farneback":
         flow = cv2.calcOpticalFlowFarneback(t8, m8, None, 0.5, 4, 21, 5, 7, 1.5, 0)
     else:
