@@ -6,9 +6,9 @@ the whole tile to, plus a margin. It resamples the crop onto the tile grid with 
 map, estimates a dense residual with optical flow on stain-independent intensities (DIS and a
 coarse-to-fine variational flow, averaged: see :func:`estimate_flow`), and returns the
 residual (2, h, w) as (dy, dx) in working-level pixels together with a per-pixel weight and a
-confidence. The confidence is the normalised cross-correlation
-(on tissue) of the target tile with the source resampled once through the current map composed
-with the residual as the stitch will keep it (smoothed with ``smooth_sigma``). Tiles without
+confidence. The confidence is the normalised cross-correlation (on tissue) of the target tile
+with the source resampled once through the current map composed with the residual as the
+stitch will keep it (smoothed with ``smooth_sigma``). Tiles without
 tissue, or whose result is implausible (no correlation gain, confidence below
 ``min_confidence``, displacement too large, folding), return no residual: the stitched field
 keeps the current (coarse) transform there.
