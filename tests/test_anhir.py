@@ -508,9 +508,14 @@ def test_evaluation_pair_is_registered_but_not_scored(
     warped = _points(out / ev["Warped source landmarks"])
     assert len(warped) == len(_points(dataset / ev["Source landmarks"]))
     assert np.isfinite(warped).all()
-    # inside the target image (660 x 895): the source landmarks really were mapped
-    assert (warped[:, 0] > 0).all() and (warped[:, 0] < 895).all()
-    assert (warped[:, 1] > 0).all() and (warped[:, 1] < 660).all()
+    # the source landmarks really were mapped into the target frame: close to the withheld
+    # target landmarks (one target landmark lies 6 px from the image border, so a warped point
+    # may fall just outside the image)
+    source = _points(dataset / ev["Source landmarks"])
+    withheld = _points(dataset / next(r for r in rows if r[""] == "3")["Target landmarks"])
+    moved = np.median(np.linalg.norm(warped - withheld, axis=1))
+    before = np.median(np.linalg.norm(source - withheld, axis=1))
+    assert moved < 0.2 * before
 
     _, scores = _read_table(out / "scores" / "pairs.csv")
     assert [r["index"] for r in scores] == ["0"]
