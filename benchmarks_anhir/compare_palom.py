@@ -56,6 +56,7 @@ import os
 _USER_ENV = dict(os.environ)
 
 from benchmarks_anhir import gigapixel  # noqa: E402
+from benchmarks_anhir.external import external_version  # noqa: E402
 
 PeakRSS, ensure_pair = gigapixel.PeakRSS, gigapixel.ensure_pair
 
@@ -212,20 +213,14 @@ def check_palom_python(palom_python: Path | None) -> str:
         With one line saying how to create palom's venv, when ``palom_python`` is not given,
         does not exist or cannot import palom.
     """
-    if palom_python is None:
-        raise SystemExit(f"compare_palom: --palom-python is required; {VENV_HINT}")
-    if not Path(palom_python).is_file():
-        raise SystemExit(f"compare_palom: {palom_python} does not exist; {VENV_HINT}")
-    proc = subprocess.run(
-        [str(palom_python), str(DRIVER), "--check"],
-        capture_output=True,
-        text=True,
+    return external_version(
+        palom_python,
+        [str(DRIVER), "--check"],
+        script="compare_palom",
+        missing="cannot import palom",
+        hint=VENV_HINT,
         env=_USER_ENV,
-        check=False,
     )
-    if proc.returncode != 0:
-        raise SystemExit(f"compare_palom: {palom_python} cannot import palom; {VENV_HINT}")
-    return proc.stdout.strip().splitlines()[-1]
 
 
 def run_palom(

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks_anhir.external import external_version
 from benchmarks_anhir.run import computer_performances, run_benchmark, select_pairs, tissue_of
 from wsireg_flow.config import Config
 from wsireg_flow.landmarks import (
@@ -112,25 +113,18 @@ def check_valis_python(python: Path) -> str:
 
     Raises
     ------
-    SetupError
+    SystemExit
         If ``python`` is not an executable or has no ``valis-wsi``; the message is one line
         saying how to create that environment.
     """
     probe = "import importlib.metadata as m; print(m.version('valis-wsi'))"
-    try:
-        proc = subprocess.run(
-            [str(python), "-c", probe], capture_output=True, text=True, timeout=120, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(
-            f"compare_valis: cannot run the VALIS python {python} ({type(exc).__name__}); "
-            f"{SETUP_HINT}"
-        ) from None
-    if proc.returncode != 0:
-        raise SetupError(
-            f"compare_valis: {python} has no VALIS (valis-wsi is not installed); {SETUP_HINT}"
-        )
-    return proc.stdout.strip()
+    return external_version(
+        python,
+        ["-c", probe],
+        script="compare_valis",
+        missing="has no VALIS (valis-wsi is not installed)",
+        hint=SETUP_HINT,
+    )
 
 
 def run_valis_pair(
