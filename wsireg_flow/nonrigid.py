@@ -16,7 +16,6 @@ keeps the current (coarse) transform there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -148,14 +147,12 @@ def variational_flow(
     return flow
 
 
-def _half_resolution(
-    flow_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], t8: np.ndarray, m8: np.ndarray
-) -> np.ndarray:
-    """``flow_fn`` run on both images at half resolution, its (h, w, 2) (dx, dy) flow brought
-    back to full resolution (4x less work for a smooth flow)."""
+def _variational_at_half_resolution(t8: np.ndarray, m8: np.ndarray) -> np.ndarray:
+    """:func:`variational_flow` of both images at half resolution, its (h, w, 2) (dx, dy) flow
+    brought back to full resolution (4x less work for the smooth part of the ensemble)."""
     h, w = t8.shape
     size = (max(w // 2, 1), max(h // 2, 1))
-    half = flow_fn(*(cv2.resize(x, size, interpolation=cv2.INTER_AREA) for x in (t8, m8)))
+    half = variational_flow(*(cv2.resize(x, size, interpolation=cv2.INTER_AREA) for x in (t8, m8)))
     flow = cv2.resize(half, (w, h), interpolation=cv2.INTER_LINEAR)
     flow[..., 0] *= w / size[0]
     flow[..., 1] *= h / size[1]
@@ -190,7 +187,7 @@ def estimate_flow(
     elif method == "variational":
         flow = variational_flow(t8, m8)
     elif method == "dis+variational":
-        flow = (_dis_flow(t8, m8) + _half_resolution(variational_flow, t8, m8)) / np.float32(2.0)
+        flow = (_dis_flow(t8, m8) + _variational_at_half_resolution(t8, m8)) / np.float32(2.0)
     elif method == "farneback":
         flow = cv2.calcOpticalFlowFarneback(t8, m8, None, 0.5, 4, 21, 5, 7, 1.5, 0)
     else:
