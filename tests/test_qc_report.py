@@ -20,6 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,3 +294,20 @@ def test_stack_sort_keeps_landmarks_with_their_sections(stack_run: dict[str, Any
     for sec in metrics["sections"]:
         if not sec["is_reference"]:
             assert sec["median_rtre"] < sec["initial_median_rtre"], sec
+
+
+def test_jacobian_is_reduced_for_display_keeping_a_single_fold() -> None:
+    """A 2500 x 2301 Jacobian is drawn at <= 1024 px: block means are exact (partial edge
+    blocks included) and one folded grid pixel still marks its block."""
+    from wsireg_flow.qc import block_reduce_for_display
+
+    jac = np.ones((2500, 2301), np.float32)
+    jac[:, :1000] = 1.5
+    jac[1234, 2000] = -0.2
+    mean, low, k = block_reduce_for_display(jac, 1024)
+    assert k == 3 and mean.shape == low.shape == (834, 767)
+    assert mean[0, 0] == pytest.approx(1.5) and mean[-1, -1] == pytest.approx(1.0)
+    assert mean[0, 333] == pytest.approx((1.5 + 2 * 1.0) / 3)  # block over columns 999-1001
+    assert np.argwhere(low <= 0).tolist() == [[1234 // 3, 2000 // 3]]
+    same, _, one = block_reduce_for_display(jac[:100, :100], 1024)
+    assert one == 1 and np.array_equal(same, jac[:100, :100])

@@ -174,13 +174,46 @@ def tissue_figure(
     return write_figure(fig, path)
 
 
-def jacobian_figure(path: str | os.PathLike[str], jac: np.ndarray) -> Path:
-    """Jacobian determinant map (1 = no area change) with folds (det <= 0) marked in black."""
+def block_reduce_for_display(
+    image: np.ndarray, max_side: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Reduce a (y, x) map to at most ``max_side`` px per side by square blocks.
+
+    Returns ``(mean, minimum, factor)``: the mean and the minimum of each ``factor`` x
+    ``factor`` block (edge blocks are partial). The minimum keeps a single folded grid pixel
+    visible after reduction; the mean gives the colour. Works one block row at a time, so the
+    temporaries stay of the size of the output (a 2500² Jacobian drawn whole made matplotlib
+    use 0.7 GB).
+    """
+    h, w = image.shape
+    k = max(1, -(-max(h, w) // max_side))
+    if k == 1:
+        return image.astype(np.float32), image.astype(np.float32), 1
+    oh, ow = -(-h // k), -(-w // k)
+    mean = np.empty((oh, ow), np.float32)
+    low = np.empty((oh, ow), np.float32)
+    edges = np.arange(0, w, k)
+    counts = np.diff(np.append(edges, w)).astype(np.float32)
+    for i in range(oh):
+        rows = image[i * k : (i + 1) * k].astype(np.float32)
+        mean[i] = np.add.reduceat(rows.sum(axis=0), edges) / (counts * rows.shape[0])
+        low[i] = np.minimum.reduceat(rows.min(axis=0), edges)
+    return mean, low, k
+
+
+def jacobian_figure(path: str | os.PathLike[str], jac: np.ndarray, max_side: int = 1024) -> Path:
+    """Jacobian determinant map (1 = no area change) with folds (det <= 0) marked in black.
+
+    ``jac`` is (y, x) on the field grid; it is drawn reduced to ``max_side`` px (block mean for
+    the colour; a block is black when any of its grid pixels folds). The title's fold share is
+    over every grid pixel.
+    """
+    mean, low, _ = block_reduce_for_display(jac, max_side)
     fig, ax = plt.subplots(figsize=(6, 6 * jac.shape[0] / max(jac.shape[1], 1)))
-    im = ax.imshow(jac, cmap="RdBu_r", vmin=0.5, vmax=1.5, interpolation="nearest")
-    folds = np.ma.masked_where(jac > 0, np.ones_like(jac))
+    im = ax.imshow(mean, cmap="RdBu_r", vmin=0.5, vmax=1.5, interpolation="nearest")
+    folds = np.ma.masked_where(low > 0, np.ones_like(low))
     ax.imshow(folds, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    share = float((jac <= 0).mean())
+    share = float(np.count_nonzero(jac <= 0)) / max(jac.size, 1)
     ax.set_title(f"Jacobian determinant (folds: {100 * share:.3f} % of grid, black)")
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.04)
