@@ -3,8 +3,8 @@
 For each size (square, px) and worker count it runs the whole pipeline (ingest both slides,
 coarse, non-rigid, stitch, full-resolution warp written as OME-Zarr, landmark evaluation) and
 records wall time per stage, peak RSS of the whole process tree (sampled every 0.1 s, children
-included), megapixels per second (target level-0 pixels / total time) and TRE against the
-ground truth in level-0 pixels. Prints a table and writes JSON.
+included; overall and per stage), megapixels per second (target level-0 pixels / total time)
+and TRE against the ground truth in level-0 pixels. Prints a table and writes JSON.
 
     python -m benchmarks_anhir.gigapixel --sizes 10000 20000 40000 --workers 1 2 \\
         --out runs/bench/gigapixel.json [--config F]
@@ -43,10 +43,12 @@ from wsireg_flow.synthetic import GENERATOR_VERSION, synthesize_pair  # noqa: E4
 
 
 class PeakRSS:
-    """Sample the RSS of this process and all its descendants; keep the peak (bytes)."""
+    """Sample the RSS of this process and all its descendants; keep the peak (bytes) and the
+    samples as ``(unix time [s], bytes)``."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval, self.peak = interval, 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -62,7 +64,9 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            rss = self._sample()
+            self.samples.append((time.time(), rss))
+            self.peak = max(self.peak, rss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
@@ -73,6 +77,28 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._sample())
+
+
+def peak_per_stage(
+    samples: list[tuple[float, int]], records: dict[str, dict[str, Any]]
+) -> dict[str, float]:
+    """Peak RSS [GB] sampled while each stage ran.
+
+    ``records`` maps a stage name to its ``.stages/NAME.json`` record, which holds when it
+    ``finished`` (unix time, s) and how many ``seconds`` it took. A stage too short to be
+    sampled gets the sample nearest its end.
+    """
+    if not samples:
+        return {}
+    times = np.array([t for t, _ in samples])
+    rss = np.array([b for _, b in samples], dtype=np.float64)
+    out = {}
+    for name, rec in records.items():
+        end = float(rec["finished"])
+        inside = (times >= end - float(rec["seconds"])) & (times <= end)
+        peak = rss[inside].max() if inside.any() else rss[np.abs(times - end).argmin()]
+        out[name] = round(float(peak) / 1e9, 3)
+    return out
 
 
 def ensure_pair(data: Path, size: int, seed: int) -> Path:
@@ -111,10 +137,8 @@ def run_case(
     ):
         run_pair(job, scheduler=handle)
     total = time.perf_counter() - t0
-    stages = {
-        n: json.loads((run_dir / ".stages" / f"{n}.json").read_text())["seconds"]
-        for n in PAIR_STAGES
-    }
+    records = {n: json.loads((run_dir / ".stages" / f"{n}.json").read_text()) for n in PAIR_STAGES}
+    stages = {n: rec["seconds"] for n, rec in records.items()}
     t = read_landmarks(pair_dir / "target.csv")
     w = read_landmarks(run_dir / "warped-source-landmarks.csv")
     tre = np.linalg.norm(w - t, axis=1)
@@ -125,6 +149,7 @@ def run_case(
         "seconds_total": round(total, 2),
         "seconds_per_stage": {k: round(v, 2) for k, v in stages.items()},
         "peak_rss_gb": round(rss.peak / 1e9, 3),
+        "peak_rss_gb_per_stage": peak_per_stage(rss.samples, records),
         "megapixels_per_second": round(size * size / 1e6 / total, 2),
         "tre_px_median": round(float(np.median(tre)), 4),
         "tre_px_p90": round(float(np.percentile(tre, 90)), 4),

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from benchmarks_anhir.compare_palom import PalomTransform
+from benchmarks_anhir.gigapixel import peak_per_stage
 from wsireg_flow.landmarks import read_landmarks
 from wsireg_flow.pipeline import PAIR_STAGES
 
@@ -56,6 +57,9 @@ def test_gigapixel_benchmark_runs_and_records_time_memory_and_accuracy(tmp_path:
     assert set(r["seconds_per_stage"]) == set(PAIR_STAGES)
     assert r["seconds_total"] >= sum(r["seconds_per_stage"].values()) * 0.9
     assert 0.05 < r["peak_rss_gb"] < 24.0
+    per_stage = r["peak_rss_gb_per_stage"]
+    assert set(per_stage) == set(PAIR_STAGES)
+    assert 0.05 < min(per_stage.values()) and max(per_stage.values()) <= r["peak_rss_gb"]
     assert r["landmarks"] == 200
     # the ground truth is recovered, at full resolution here (p90 was 2.90 px when the tile
     # gain check rejected correct flows on fine texture; 0.14 px since)
@@ -65,6 +69,14 @@ def test_gigapixel_benchmark_runs_and_records_time_memory_and_accuracy(tmp_path:
     # the printed table carries the same row
     assert f"{r['seconds_total']:>8}" in proc.stdout
     assert not any(p.name.startswith("run-") for p in tmp_path.iterdir())  # run dirs removed
+
+
+def test_peak_per_stage_takes_the_samples_inside_each_stage() -> None:
+    """Stage a ran over [10, 12] s and b over [12, 12.05] s (between two samples)."""
+    samples = [(t, int(b * 1e9)) for t, b in [(9.9, 5.0), (10.5, 1.0), (11.9, 2.0), (12.3, 3.0)]]
+    records = {"a": {"finished": 12.0, "seconds": 2.0}, "b": {"finished": 12.05, "seconds": 0.05}}
+    assert peak_per_stage(samples, records) == {"a": 2.0, "b": 2.0}
+    assert peak_per_stage([], records) == {}
 
 
 @pytest.mark.slow
