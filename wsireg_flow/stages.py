@@ -9,6 +9,8 @@ fingerprints, so a changed setting re-runs exactly the stages downstream of it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -276,9 +278,28 @@ def run_stage(run_dir: Path, name: str, fp: str, fn: Callable[[], Sequence[str]]
         return False
     invalidate(run_dir, name)
     t0 = time.perf_counter()
-    outputs = fn()
+    try:
+        outputs = fn()
+    finally:
+        release_freed_memory()
     mark_complete(run_dir, name, fp, outputs, time.perf_counter() - t0)
     return True
+
+
+def release_freed_memory() -> bool:
+    """Give memory the process has freed back to the system (glibc ``malloc_trim``).
+
+    glibc keeps freed blocks of up to 32 MB in its heap, so without this the resident size
+    after a stage stays near that stage's peak, and the next stage's peak adds on top: at
+    10000² the QC stage peaked at 1.0 GB, against 0.8 GB with a trim after every stage. Returns
+    whether anything could be trimmed (False where the C library is not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
