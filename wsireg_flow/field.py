@@ -105,25 +105,31 @@ def stitch(
     field : (2, H, W) float32
     weight : (H, W) float32, the summed weight per pixel (0 where no tile contributed)
     """
-    num = np.zeros((2, *shape), np.float64)
-    den = np.zeros(shape, np.float64)
+    # float32 accumulators, one component at a time: about 4 grid-sized float32 arrays at the
+    # peak (the float64 version needed 16 for a 2500² grid, 0.4 GB)
+    num = np.zeros((2, *shape), np.float32)
+    den = np.zeros(shape, np.float32)
     for f, w, (y0, x0, y1, x1) in zip(fields, weights, boxes, strict=True):
         if f is None or w is None:
             continue
         num[:, y0:y1, x0:x1] += f * w
         den[y0:y1, x0:x1] += w
-    if smooth_sigma > 0:
-        num = np.stack([_gauss(c, smooth_sigma) for c in num])
-        den_s = _gauss(den, smooth_sigma)
-    else:
-        den_s = den
-    out = num / np.maximum(den_s + prior, 1e-12)
+    den_s = _gauss(den, smooth_sigma) if smooth_sigma > 0 else den
+    norm = np.maximum(den_s + np.float32(prior), np.float32(1e-12))
     if fill_sigma > 0:
-        wide_den = _gauss(den_s, fill_sigma)
-        wide = np.stack([_gauss(c, fill_sigma) for c in num]) / (wide_den + prior)
-        blend = np.clip(den_s / 0.05, 0, 1)
-        out = blend * out + (1 - blend) * wide
-    return out.astype(np.float32), den.astype(np.float32)
+        wide_norm = _gauss(den_s, fill_sigma) + np.float32(prior)
+        blend = np.clip(den_s / np.float32(0.05), 0, 1)
+    for c in range(2):
+        if smooth_sigma > 0:
+            num[c] = _gauss(num[c], smooth_sigma)
+        near = num[c] / norm
+        if fill_sigma > 0:
+            wide = _gauss(num[c], fill_sigma)
+            wide /= wide_norm
+            near *= blend
+            near += (1 - blend) * wide
+        num[c] = near
+    return num, den
 
 
 def _gauss(a: np.ndarray, sigma: float) -> np.ndarray:
