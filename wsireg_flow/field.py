@@ -204,30 +204,53 @@ def sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 _CV_MAX = 32767
 
 
+def row_bands(h: int, w: int, samples: int = 1_000_000) -> list[tuple[int, int]]:
+    """Split ``h`` grid rows of width ``w`` into bands ``(y0, y1)`` of about ``samples`` grid
+    pixels (a short last band is merged into the one before, so every band of a grid larger
+    than 200k pixels stays above :func:`sample`'s 200k threshold and is sampled the same way).
+    """
+    rows = max(1, -(-samples // max(w, 1)))
+    starts = list(range(0, h, rows))
+    if len(starts) > 1 and (h - starts[-1]) * w < samples // 2:
+        starts.pop()
+    return [(y0, y1) for y0, y1 in zip(starts, [*starts[1:], h], strict=True)]
+
+
 def compose_residual(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """Residual of x -> x + inner(x) followed by the map of ``outer``: inner + outer(x + inner).
 
-    Both (2, H, W) on the same grid, in grid pixels.
+    Both (2, H, W) on the same grid, in grid pixels; computed in bands of rows.
     """
     h, w = inner.shape[1:]
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    return inner + sample(outer, yy + inner[0], xx + inner[1])
+    out = np.empty(inner.shape, np.float32)
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    for y0, y1 in row_bands(h, w):
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None]
+        band = inner[:, y0:y1]
+        out[:, y0:y1] = band + sample(outer, yy + band[0], xx + band[1])
+    return out
 
 
 def invert(field: np.ndarray, iterations: int = 30, tol: float = 1e-3) -> np.ndarray:
     """Inverse residual s with (x + s(x)) + r(x + s(x)) = x, by fixed-point iteration.
 
-    Converges when the field is a contraction (|grad r| < 1), true for smooth residuals.
+    Converges when the field is a contraction (|grad r| < 1), true for smooth residuals. Each
+    grid pixel's iteration depends only on its own value, so bands of rows are solved one at
+    a time (temporaries of a band's size; a band stops when its largest update is < ``tol``).
     """
     h, w = field.shape[1:]
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    inv = -field.copy()
-    for _ in range(iterations):
-        new = -sample(field, yy + inv[0], xx + inv[1])
-        delta = float(np.abs(new - inv).max())
-        inv = new
-        if delta < tol:
-            break
+    inv = np.empty_like(field, dtype=np.float32)
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    for y0, y1 in row_bands(h, w):
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None]
+        band = -field[:, y0:y1].astype(np.float32)
+        for _ in range(iterations):
+            new = -sample(field, yy + band[0], xx + band[1])
+            delta = float(np.abs(new - band).max())
+            band = new
+            if delta < tol:
+                break
+        inv[:, y0:y1] = band
     return inv
 
 
@@ -252,11 +275,24 @@ def resize_field(field: np.ndarray, shape: tuple[int, int], factor: float) -> np
     return sample(field, yy, xx) * np.float32(factor)
 
 
-def jacobian_determinant(field: np.ndarray) -> np.ndarray:
-    """det(I + grad r) per grid pixel of a residual (2, H, W); <= 0 marks folding."""
-    dy_dy, dy_dx = np.gradient(field[0])
-    dx_dy, dx_dx = np.gradient(field[1])
-    return (1 + dy_dy) * (1 + dx_dx) - dy_dx * dx_dy
+def jacobian_determinant(field: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """det(I + grad r) per grid pixel of a residual (2, H, W); <= 0 marks folding.
+
+    ``scale`` converts the residual's values to grid pixels (r = field * scale), e.g.
+    1 / spacing for a level-0 field. Computed in bands of rows with a one-row halo (the same
+    result as whole, with temporaries of a band's size); returns (H, W) float32.
+    """
+    h, w = field.shape[1:]
+    out = np.empty((h, w), np.float32)
+    k = np.float32(scale)
+    for y0, y1 in row_bands(h, w):
+        a, b = max(y0 - 1, 0), min(y1 + 1, h)
+        part = field[:, a:b] * k
+        dy_dy, dy_dx = np.gradient(part[0])
+        dx_dy, dx_dx = np.gradient(part[1])
+        det = (1 + dy_dy) * (1 + dx_dx) - dy_dx * dx_dy
+        out[y0:y1] = det[y0 - a : y0 - a + (y1 - y0)]
+    return out
 
 
 @dataclass

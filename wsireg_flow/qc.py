@@ -402,8 +402,6 @@ def qc_figures(
             )
         )
         paths.append(
-            jacobian_figure(
-                qc_dir / "jacobian.png", jacobian_determinant(f.data / np.float32(f.spacing))
-            )
+            jacobian_figure(qc_dir / "jacobian.png", jacobian_determinant(f.data, 1.0 / f.spacing))
         )
     return paths
