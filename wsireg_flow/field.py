@@ -105,8 +105,8 @@ def stitch(
     field : (2, H, W) float32
     weight : (H, W) float32, the summed weight per pixel (0 where no tile contributed)
     """
-    # float32 accumulators, one component at a time: about 4 grid-sized float32 arrays at the
-    # peak (the float64 version needed 16 for a 2500² grid, 0.4 GB)
+    # float32 accumulators, in place, one component at a time: the float64 version needed 16
+    # grid-sized float32 arrays at its peak (0.4 GB for a 2500² grid), this one about 8
     num = np.zeros((2, *shape), np.float32)
     den = np.zeros(shape, np.float32)
     for f, w, (y0, x0, y1, x1) in zip(fields, weights, boxes, strict=True):
@@ -115,20 +115,25 @@ def stitch(
         num[:, y0:y1, x0:x1] += f * w
         den[y0:y1, x0:x1] += w
     den_s = _gauss(den, smooth_sigma) if smooth_sigma > 0 else den
-    norm = np.maximum(den_s + np.float32(prior), np.float32(1e-12))
+    norm = den_s + np.float32(prior)
+    np.maximum(norm, np.float32(1e-12), out=norm)
     if fill_sigma > 0:
-        wide_norm = _gauss(den_s, fill_sigma) + np.float32(prior)
-        blend = np.clip(den_s / np.float32(0.05), 0, 1)
+        wide_norm = _gauss(den_s, fill_sigma)
+        wide_norm += np.float32(prior)
+        blend = den_s * np.float32(1 / 0.05)
+        np.clip(blend, 0, 1, out=blend)
+    del den_s
     for c in range(2):
         if smooth_sigma > 0:
             num[c] = _gauss(num[c], smooth_sigma)
-        near = num[c] / norm
         if fill_sigma > 0:
             wide = _gauss(num[c], fill_sigma)
             wide /= wide_norm
-            near *= blend
-            near += (1 - blend) * wide
-        num[c] = near
+        num[c] /= norm
+        if fill_sigma > 0:  # blend * near + (1 - blend) * wide
+            num[c] -= wide
+            num[c] *= blend
+            num[c] += wide
     return num, den
 
 
@@ -315,7 +320,9 @@ def save_field(path: str | os.PathLike[str], f: StoredField) -> None:
         zarr_format=2,
         overwrite=True,
     )
-    arr[...] = f.data.astype(np.float32)
+    data = np.asarray(f.data, dtype=np.float32)  # no copy when already float32
+    for y0 in range(0, data.shape[1], 1024):  # a chunk row at a time: bounded encode buffers
+        arr[:, y0 : y0 + 1024] = data[:, y0 : y0 + 1024]
     arr.attrs.update(
         json.loads(
             json.dumps(

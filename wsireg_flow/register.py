@@ -376,10 +376,11 @@ def finalize(
     backward = inverse = None
     if residual is not None and downsample is not None:
         origin = 0.5 * downsample - 0.5
-        inv = invert(residual)
         scale = np.float32(downsample)
+        inv = invert(residual)
+        inv *= scale  # in place: a fresh array
         backward = StoredField(residual * scale, downsample, origin, {"direction": "backward"})
-        inverse = StoredField(inv * scale, downsample, origin, {"direction": "inverse"})
+        inverse = StoredField(inv, downsample, origin, {"direction": "inverse"})
     return Transform(
         affine0,
         backward,
