@@ -3,8 +3,9 @@
 For each size (square, px) and worker count it runs the whole pipeline (ingest both slides,
 coarse, non-rigid, stitch, full-resolution warp written as OME-Zarr, landmark evaluation) and
 records wall time per stage, peak RSS of the whole process tree (sampled every 0.1 s, children
-included; overall and per stage), megapixels per second (target level-0 pixels / total time)
-and TRE against the ground truth in level-0 pixels. Prints a table and writes JSON.
+included; overall and per stage; each case runs in a fresh process), megapixels per second
+(target level-0 pixels / total time) and TRE against the ground truth in level-0 pixels.
+Prints a table and writes JSON.
 
     python -m benchmarks_anhir.gigapixel --sizes 10000 20000 40000 --workers 1 2 \\
         --out runs/bench/gigapixel.json [--config F]
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +163,17 @@ def run_case(
     return result
 
 
+def run_case_in_fresh_process(
+    pair_dir: Path, size: int, workers: int, work: Path, cfg: Config, scheduler: str = "threads"
+) -> dict[str, Any]:
+    """:func:`run_case` in a new (spawned) Python process, so that its peak RSS is its own: in
+    one process, each case started from the memory the cases before it left behind (at 40000²
+    0.96 GB measured after five other cases, against 0.71 GB alone)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(run_case, pair_dir, size, workers, work, cfg, scheduler).result()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000, 40000])
@@ -180,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         pair = ensure_pair(args.data, size, args.seed)
         for workers in args.workers:
-            r = run_case(pair, size, workers, args.data, cfg, args.scheduler)
+            r = run_case_in_fresh_process(pair, size, workers, args.data, cfg, args.scheduler)
             results.append(r)
             st = " ".join(f"{k}={v}" for k, v in r["seconds_per_stage"].items())
             print(
