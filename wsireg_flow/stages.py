@@ -10,7 +10,6 @@ fingerprints, so a changed setting re-runs exactly the stages downstream of it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
@@ -295,9 +294,8 @@ def release_freed_memory() -> bool:
     whether anything could be trimmed (False where the C library is not glibc).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: no library search
+    except (OSError, AttributeError, TypeError):
         return False
     return bool(trim(0))
 
