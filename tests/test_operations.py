@@ -33,6 +33,7 @@ from wsireg_flow.stages import (
     run_dir_lock,
     temp_sibling,
 )
+from wsireg_flow.watchdog import remember, start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
@@ -172,6 +173,59 @@ def test_watchdog_acts_only_when_the_command_did_not_stop_it(end: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
+
+
+_LATE_CHILD = """
+import os, subprocess, time
+from wsireg_flow.watchdog import start_watchdog
+dog = start_watchdog()
+time.sleep(1.5)  # the watchdog is scanning
+child = subprocess.Popen(["sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+os._exit(0)  # dies at once: no scan can have seen the child
+"""
+
+
+def test_watchdog_terminates_a_child_started_after_its_last_scan() -> None:
+    """A command that leads its process group and dies right after starting a child: the
+    watchdog finds the child among the group's orphans (scans alone would miss it)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _LATE_CHILD],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    )
+    child = int(r.stdout.split()[0])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            state = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True)
+            if state.stdout.strip() in (b"", b"Z"):
+                break
+            time.sleep(0.2)
+        assert state.stdout.strip() in (b"", b"Z"), "the late child still runs"
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_watchdog_keeps_what_it_knew_when_a_scan_finds_no_children() -> None:
+    """The race behind an orphaned Prefect server: the command died during a /proc scan, its
+    children were already handed to another parent, and that empty scan replaced everything
+    the watchdog knew. A scan now only adds; ended processes (or reused pids) are dropped."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        known = remember({}, [child.pid])
+        assert known == {child.pid: start_time(child.pid)}
+        assert remember(known, []) == known  # the empty scan of a dying command
+        gone = {**known, 999_999_999: 12345, child.pid + 10**9: 1}
+        assert remember(gone, []) == known  # ended (or never seen) processes are dropped
+        stale = {child.pid: known[child.pid] - 1}  # same pid, another start: a reused pid
+        assert remember(stale, []) == {}
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.fixture(scope="module")

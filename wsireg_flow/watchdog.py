@@ -70,23 +70,65 @@ def _signal_alive(known: dict[int, int], signum: int) -> list[int]:
     return alive
 
 
-def watch(parent: int, poll: float = POLL_SECONDS, grace: float = GRACE_SECONDS) -> int:
-    """Watch ``parent`` until it is gone, then terminate its last known descendants.
+def remember(known: dict[int, int], scanned: list[int]) -> dict[int, int]:
+    """Add the processes of one scan to ``known`` (pid -> start time) and drop those that ended.
 
-    Returns the number of processes that were still alive and got SIGTERM (survivors of
-    ``grace`` seconds get SIGKILL). Must run in a child of ``parent``: a child whose parent
-    dies is handed to another parent, which is how the end is noticed.
+    A scan never replaces what was known: if the command dies while /proc is being scanned,
+    its children are handed to another parent mid-scan and the scan finds none of them. With
+    the last scan taken as the whole truth, the watchdog would terminate nothing.
+    """
+    merged = {pid: started for pid, started in known.items() if start_time(pid) == started}
+    for pid in scanned:
+        started = start_time(pid)
+        if started is not None:
+            merged[pid] = started
+    return merged
+
+
+def orphans_of_group(group: int, since: int, reaper: int, exclude: int) -> list[int]:
+    """Processes of process group ``group`` that started at or after ``since`` (clock ticks
+    since boot) and whose parent is now ``reaper``: what a dead group leader left behind,
+    including children it started after the watchdog's last scan."""
+    found = []
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for pid in entries:
+        fields = _stat_fields(pid)
+        if not fields or pid == exclude:
+            continue
+        ppid, pgrp, started = int(fields[1]), int(fields[2]), int(fields[19])
+        if pgrp == group and ppid == reaper and started >= since:
+            found.append(pid)
+    return found
+
+
+def watch(parent: int, poll: float = POLL_SECONDS, grace: float = GRACE_SECONDS) -> int:
+    """Watch ``parent`` until it is gone, then terminate its descendants still alive.
+
+    Those are the descendants seen by any scan while ``parent`` lived, plus, when ``parent``
+    led its process group (a shell job, a scheduler's task), the group's processes started
+    after it that were left to the same new parent as this watchdog. Returns the number of
+    processes that got SIGTERM (survivors of ``grace`` seconds get SIGKILL). Must run in a
+    child of ``parent``: a child whose parent dies is handed to another parent, which is how
+    the end is noticed.
     """
     me = os.getpid()
+    since = start_time(parent)
+    try:
+        group = os.getpgid(parent)
+    except OSError:
+        group = -1
     known: dict[int, int] = {}
     while os.getppid() == parent:
-        snapshot = {}
-        for pid in descendants(parent):
-            started = start_time(pid)
-            if pid != me and started is not None:
-                snapshot[pid] = started
-        known = snapshot
+        try:
+            known = remember(known, [pid for pid in descendants(parent) if pid != me])
+        except Exception:  # a scan that fails must not end the watch
+            pass
         time.sleep(poll)
+    if group == parent and since is not None:
+        known = remember(known, orphans_of_group(group, since, os.getppid(), me))
     terminated = _signal_alive(known, signal.SIGTERM)
     deadline = time.monotonic() + grace
     left = {pid: known[pid] for pid in terminated}
