@@ -37,17 +37,26 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def _process_table() -> dict[int, list[str]]:
+    """``/proc/PID/stat`` fields (after the command name) of every process, by pid (empty
+    where there is no /proc)."""
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return {}
+    table = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            table[pid] = fields
+    return table
+
+
 def descendants(pid: int) -> list[int]:
     """Process ids of every descendant of ``pid`` (Linux /proc; empty elsewhere)."""
     children: dict[int, list[int]] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        fields = _stat_fields(int(entry))
-        if fields:
-            children.setdefault(int(fields[1]), []).append(int(entry))
+    for child, fields in _process_table().items():
+        children.setdefault(int(fields[1]), []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -89,19 +98,14 @@ def orphans_of_group(group: int, since: int, reaper: int, exclude: int) -> list[
     """Processes of process group ``group`` that started at or after ``since`` (clock ticks
     since boot) and whose parent is now ``reaper``: what a dead group leader left behind,
     including children it started after the watchdog's last scan."""
-    found = []
-    try:
-        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for pid in entries:
-        fields = _stat_fields(pid)
-        if not fields or pid == exclude:
-            continue
-        ppid, pgrp, started = int(fields[1]), int(fields[2]), int(fields[19])
-        if pgrp == group and ppid == reaper and started >= since:
-            found.append(pid)
-    return found
+    return [
+        pid
+        for pid, fields in _process_table().items()
+        if pid != exclude
+        and int(fields[2]) == group
+        and int(fields[1]) == reaper
+        and int(fields[19]) >= since
+    ]
 
 
 def watch(parent: int, poll: float = POLL_SECONDS, grace: float = GRACE_SECONDS) -> int:
