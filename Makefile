@@ -19,8 +19,10 @@ demo: $(STAMP)
 	$(BIN)/wsireg-flow anhir --dataset data/anhir-sample --pairs data/anhir-sample/dataset.csv \
 		--out runs/demo --progress
 
+# Two test processes, one module each at a time (module fixtures are built once): the suite
+# keeps about 1.2 of 2 cores busy when run alone, since many tests wait on subprocesses.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsireg_flow flows benchmarks_anhir tests
