@@ -28,17 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks_anhir.run import finished_run_parser
 from wsireg_flow.io.omezarr import open_ngff
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import paired, read_landmarks
-from wsireg_flow.qc import write_figure
+from wsireg_flow.qc import new_figure, write_figure
 from wsireg_flow.tissue import optical_density
 
 SIGMAS_PX = (30.0, 60.0, 100.0, 200.0)
@@ -135,7 +131,7 @@ def crops_figure(
     warped_img = np.asarray(open_ngff(run / "pairs" / row[""] / "warped.zarr").levels[0][:, :, :])
     error = np.linalg.norm(source_warped - target_pts, axis=1)
     worst = np.argsort(error)[::-1][:n]
-    fig, axes = plt.subplots(n // 2, 4, figsize=(12, 3 * (n // 2)), squeeze=False)
+    fig, axes = new_figure(n // 2, 4, figsize=(12, 3 * (n // 2)), squeeze=False)
     for k, j in enumerate(worst):
         x, y = np.round(target_pts[j]).astype(int)
         y0, x0 = max(y - half, 0), max(x - half, 0)

@@ -32,15 +32,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks_anhir.run import finished_run_parser
 from wsireg_flow.landmarks import Pair, paired, read_landmarks, read_pair_table
-from wsireg_flow.qc import write_figure
+from wsireg_flow.qc import new_figure, write_figure
 
 
 def solve_image_offsets(
@@ -186,7 +182,7 @@ def analyse_set(
 def figure(sets: list[dict[str, Any]], out: Path) -> Path:
     """Per-image median offsets (bars) and second-annotator corrections against the offsets."""
     checks = [c for s in sets for c in s["second_annotator"]]
-    fig, axes = plt.subplots(1, 1 + len(checks), figsize=(4.5 * (1 + len(checks)), 4))
+    fig, axes = new_figure(1, 1 + len(checks), figsize=(4.5 * (1 + len(checks)), 4))
     axes = np.atleast_1d(axes)
     names = [Path(im).stem for s in sets for im in s["images"]]
     values = [v for s in sets for v in s["median_offset_px"].values()]

@@ -45,7 +45,7 @@ from wsireg_flow.landmarks import (
 from wsireg_flow.metrics import PairScore, aggregate, score_pair
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, job_is_complete, run_pair
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.qc import write_figure
+from wsireg_flow.qc import new_figure, write_figure
 from wsireg_flow.stages import read_record
 
 # Published results on the 251 hidden evaluation pairs (ANHIR challenge paper re-evaluation).
@@ -316,11 +316,6 @@ def summary_markdown(summary: dict[str, Any], aggs: Sequence[dict[str, Any]]) ->
 
 def boxplot(path: Path, submission: Path, root: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Per-pair box plots of rTRE before (grey) and after (blue) registration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pairs = {p.index: p for p in read_pair_table(submission / "registration-results.csv")}
     before, after, labels = [], [], []
     for r in rows:
@@ -336,7 +331,7 @@ def boxplot(path: Path, submission: Path, root: Path, rows: Sequence[dict[str, A
         else:
             after.append(before[-1])
         labels.append(r["index"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    fig, ax = new_figure(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
     pos = np.arange(len(rows))
     b1 = ax.boxplot(before, positions=pos - 0.18, widths=0.3, patch_artist=True, showfliers=False)
     b2 = ax.boxplot(after, positions=pos + 0.18, widths=0.3, patch_artist=True, showfliers=False)

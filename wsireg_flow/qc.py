@@ -11,13 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from wsireg_flow.field import jacobian_determinant, sample
@@ -27,6 +23,9 @@ from wsireg_flow.register import LevelReport
 from wsireg_flow.stages import temp_sibling
 from wsireg_flow.tissue import optical_density, white_level
 from wsireg_flow.transform import Transform
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -72,13 +71,36 @@ def checkerboard(target: np.ndarray, source: np.ndarray, n: int = 8) -> np.ndarr
     return out
 
 
-def write_figure(fig: plt.Figure, path: str | os.PathLike[str], dpi: int = 80) -> Path:
-    """Lay out, write (PNG) and close a figure; creates the parent folder."""
+def new_figure(
+    rows: int = 1, cols: int = 1, figsize: tuple[float, float] = (6, 6), squeeze: bool = True
+) -> tuple[Figure, Any]:
+    """A figure and its grid of axes (``Figure.subplots``), drawn off-screen.
+
+    Without pyplot: no global backend is switched and no figure manager keeps the figure
+    alive (it is freed with its last reference). Matplotlib is imported here, on first use, so
+    commands that draw nothing (an error, a finished job) start about 1 s faster.
+
+    Parameters
+    ----------
+    rows, cols : int
+        Grid of axes.
+    figsize : (width, height)
+        Inches.
+    squeeze : bool
+        As in ``Figure.subplots``: a single axes (or a 1-D array) instead of a 2-D array.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def write_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 80) -> Path:
+    """Lay out and write a figure as PNG (the Agg renderer); creates the parent folder."""
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=dpi)
-    plt.close(fig)
     return p
 
 
@@ -94,7 +116,7 @@ def save_figure(
     n = len(panels)
     cols = min(n, ncols or n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 5 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(5 * cols, 5 * rows), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     for i, (name, img) in enumerate(panels):
@@ -135,7 +157,7 @@ def deformation_grid_figure(
     ``gain`` exaggerates small displacements (stated in the title).
     """
     h, w = residual_yx.shape[1:]
-    fig, ax = plt.subplots(figsize=(6, 6 * h / max(w, 1)))
+    fig, ax = new_figure(figsize=(6, 6 * h / max(w, 1)))
     ax.imshow(background, interpolation="nearest")
     for y in range(0, h, step):
         xs = np.arange(w)
@@ -161,7 +183,7 @@ def tissue_figure(
     The title gives the share of the image the mask covers, so a mask that misses pale tissue
     (its tiles are skipped as "no tissue") shows at a glance.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (name, img, mask) in zip(axes.ravel(), panels, strict=True):
         h, w = img.shape[:2]
         m = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
@@ -209,7 +231,7 @@ def jacobian_figure(path: str | os.PathLike[str], jac: np.ndarray, max_side: int
     over every grid pixel.
     """
     mean, low, _ = block_reduce_for_display(jac, max_side)
-    fig, ax = plt.subplots(figsize=(6, 6 * jac.shape[0] / max(jac.shape[1], 1)))
+    fig, ax = new_figure(figsize=(6, 6 * jac.shape[0] / max(jac.shape[1], 1)))
     im = ax.imshow(mean, cmap="RdBu_r", vmin=0.5, vmax=1.5, interpolation="nearest")
     folds = np.ma.masked_where(low > 0, np.ones_like(low))
     ax.imshow(folds, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
