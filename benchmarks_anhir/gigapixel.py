@@ -42,6 +42,7 @@ from wsireg_flow.config import Config, DaskConfig, load_config  # noqa: E402
 from wsireg_flow.landmarks import read_landmarks  # noqa: E402
 from wsireg_flow.parallel import dask_scheduler  # noqa: E402
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, run_pair  # noqa: E402
+from wsireg_flow.stages import limit_malloc_arenas  # noqa: E402
 from wsireg_flow.synthetic import GENERATOR_VERSION, synthesize_pair  # noqa: E402
 
 
@@ -120,6 +121,7 @@ def ensure_pair(data: Path, size: int, seed: int) -> Path:
 def run_case(
     pair_dir: Path, size: int, workers: int, work: Path, cfg: Config, scheduler: str = "threads"
 ) -> dict[str, Any]:
+    limit_malloc_arenas()  # as the command line does, before any thread allocates
     run_dir = work / f"run-{size}-w{workers}-{scheduler}"
     shutil.rmtree(run_dir, ignore_errors=True)
     job = PairJob(

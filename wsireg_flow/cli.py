@@ -30,7 +30,7 @@ from wsireg_flow.config import (
     load_config,
 )
 from wsireg_flow.errors import ConfigError, InputError, WsiregError, output_error
-from wsireg_flow.stages import check_unlocked, check_writable_dir
+from wsireg_flow.stages import check_unlocked, check_writable_dir, limit_malloc_arenas
 from wsireg_flow.watchdog import descendants, start_watchdog, stop_watchdog
 
 Handler = Callable[[argparse.Namespace], int]
@@ -547,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 1 failure)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    limit_malloc_arenas()  # before any thread allocates: freed memory can go back at each stage
     if not args.debug:
         # Prefect prints tracebacks of failed runs on its console handler: our one-line error
         # says it; the run's logs still reach a Prefect server's API handler.
