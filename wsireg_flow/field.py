@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +74,7 @@ def blend_window(box: Box, shape: tuple[int, int], overlap: int) -> np.ndarray:
 
 
 def stitch(
-    fields: Sequence[np.ndarray | None],
-    weights: Sequence[np.ndarray | None],
-    boxes: Sequence[Box],
+    tiles: Iterable[tuple[np.ndarray | None, np.ndarray | None, Box]],
     shape: tuple[int, int],
     smooth_sigma: float = 0.0,
     fill_sigma: float = 0.0,
@@ -86,12 +84,11 @@ def stitch(
 
     Parameters
     ----------
-    fields : sequence of (2, h, w) arrays or None
-        Tile residuals (None: tile skipped, it contributes nothing).
-    weights : sequence of (h, w) arrays or None
-        Per-pixel tile weights (blend window x confidence x tissue).
-    boxes : sequence of Box
-        Where each tile sits on the grid.
+    tiles : iterable of (field, weight, box)
+        Each tile's (2, h, w) residual (dy, dx), its (h, w) per-pixel weight (blend window x
+        confidence x tissue) and the Box where it sits on the grid; field or weight None: the
+        tile is skipped, it contributes nothing. Used once, in order: a generator that reads
+        each tile as it is blended keeps one tile in memory.
     smooth_sigma : float
         Gaussian sigma (grid px) of the regularisation: normalised convolution
         G*(w d) / (G*w + prior), so smoothing does not pull the field towards zero next to
@@ -109,7 +106,7 @@ def stitch(
     # grid-sized float32 arrays at its peak (0.4 GB for a 2500² grid), this one about 8
     num = np.zeros((2, *shape), np.float32)
     den = np.zeros(shape, np.float32)
-    for f, w, (y0, x0, y1, x1) in zip(fields, weights, boxes, strict=True):
+    for f, w, (y0, x0, y1, x1) in tiles:
         if f is None or w is None:
             continue
         num[:, y0:y1, x0:x1] += f * w

@@ -63,7 +63,7 @@ from wsireg_flow.stages import (
     run_stage,
     write_json,
 )
-from wsireg_flow.tilestore import load_tiles, report_from_dict, report_to_dict, save_tiles
+from wsireg_flow.tilestore import open_tiles, report_from_dict, report_to_dict, save_tiles
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
 
@@ -301,9 +301,9 @@ def stage_stitch(job: PairJob) -> list[str]:
     tiles_path = job.run_dir / "nonrigid" / "tiles.npz"
     residual, downsample, report = None, None, None
     if tiles_path.is_file():
-        tiles = load_tiles(tiles_path)
-        residual, report = stitch_level(tiles, job.cfg)
-        downsample = tiles.downsample
+        with open_tiles(tiles_path) as tiles:  # read one tile at a time while blending
+            residual, report = stitch_level(tiles, job.cfg)
+            downsample = tiles.downsample
     meta = {"rigid_method": rigid["method"], "rigid_flipped": rigid["flipped"]}
     transform = finalize(
         affine0, residual, downsample, job.slide("target"), job.slide("source"), meta

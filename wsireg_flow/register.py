@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError
 from wsireg_flow.field import (
+    Box,
     StoredField,
     compose_residual,
     invert,
@@ -208,6 +210,15 @@ class LevelTiles:
     mask: np.ndarray  # (H, W) target tissue
     results: list[TileResult]
     seconds: float
+    # reads tile i's (residual, weight) when the results do not hold them (tiles kept on disk,
+    # read one at a time while they are blended: see tilestore.open_tiles)
+    read_arrays: Callable[[int], tuple[np.ndarray | None, np.ndarray | None]] | None = None
+
+    def tile_arrays(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Tile ``i``'s (2, h, w) residual and (h, w) weight; (None, None) unless accepted."""
+        if self.read_arrays is not None:
+            return self.read_arrays(i)
+        return self.results[i].residual, self.results[i].weight
 
 
 def register_level(
@@ -275,8 +286,8 @@ KEEP_COARSE = ("no gain", "too large", "folding", "low confidence")
 
 def tile_fields(
     tiles: LevelTiles, cfg: Config
-) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
-    """The (field, weight) each tile contributes to the stitch.
+) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, Box]]:
+    """The (field, weight, box) each tile contributes to the stitch, one tile at a time.
 
     Accepted tiles give their residual and weight. A rejected tile on tissue (implausible or
     low-confidence result) gives a zero residual, weighted like a tile at the acceptance
@@ -285,38 +296,29 @@ def tile_fields(
     outside the source give nothing: the stitch continues the field from their neighbours over
     up to about one tile and keeps the transform of the level above beyond that.
     """
-    fields: list[np.ndarray | None] = []
-    weights: list[np.ndarray | None] = []
-    for r in tiles.results:
-        if r.residual is not None:
-            fields.append(r.residual)
-            weights.append(r.weight)
+    for i, r in enumerate(tiles.results):
+        if r.status == "ok":
+            residual, weight = tiles.tile_arrays(i)
+            yield residual, weight, r.box
         elif r.status in KEEP_COARSE:
             y0, x0, y1, x1 = r.box
-            fields.append(np.zeros((2, y1 - y0, x1 - x0), np.float32))
-            weights.append(
-                tile_weight(
-                    r.box,
-                    tiles.shape,
-                    cfg.nonrigid.overlap,
-                    tiles.mask[y0:y1, x0:x1],
-                    cfg.nonrigid.min_confidence,
-                )
+            weight = tile_weight(
+                r.box,
+                tiles.shape,
+                cfg.nonrigid.overlap,
+                tiles.mask[y0:y1, x0:x1],
+                cfg.nonrigid.min_confidence,
             )
+            yield np.zeros((2, y1 - y0, x1 - x0), np.float32), weight, r.box
         else:
-            fields.append(None)
-            weights.append(None)
-    return fields, weights
+            yield None, None, r.box
 
 
 def stitch_level(tiles: LevelTiles, cfg: Config) -> tuple[np.ndarray, LevelReport]:
     """Blend a level's tile residuals, regularise, and compose with the carried-down prior."""
     t0 = time.perf_counter()
-    fields, weights = tile_fields(tiles, cfg)
     d, _ = stitch(
-        fields,
-        weights,
-        [r.box for r in tiles.results],
+        tile_fields(tiles, cfg),
         tiles.shape,
         smooth_sigma=cfg.nonrigid.smooth_sigma,
         fill_sigma=cfg.nonrigid.tile / 4,
@@ -498,9 +500,9 @@ def _report(
     xs = sorted({r.box[1] for r in results})
     conf = np.full((len(ys), len(xs)), np.nan, np.float32)
     for r in results:
-        if r.residual is not None:
+        if r.status == "ok":
             conf[ys.index(r.box[0]), xs.index(r.box[1])] = r.confidence
-    ok = [r.confidence for r in results if r.residual is not None]
+    ok = [r.confidence for r in results if r.status == "ok"]
     jac = jacobian_determinant(residual)
     fold = float((jac[mask] <= 0).mean()) if mask.any() else 0.0
     return LevelReport(
