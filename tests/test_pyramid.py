@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from wsireg_flow.pyramid import (
     downsample2,
     downsample2_cyx,
+    level_downsamples,
     level_for_max_side,
     level_for_pixel_size,
     pyramid_shapes,
@@ -202,3 +204,41 @@ def test_level_for_pixel_size() -> None:
     assert level_for_pixel_size(sizes, 0.998 * (1 - 1e-5)) == 0
     assert level_for_pixel_size(sizes, 2.5) == 2
     assert level_for_pixel_size(sizes, 100.0) == 3
+
+
+# --------------------------------------------------------------------------- level_downsamples
+
+
+def test_level_downsamples_are_the_factors_not_the_size_ratios() -> None:
+    # ceil-halved (ours): 1025 -> 513 -> ... -> 17 px, size ratio 60.3 at level 6
+    assert level_downsamples(pyramid_shapes(1025, 1030, 20)) == [2.0**k for k in range(7)]
+    # Aperio: 4x steps with floored sizes
+    assert level_downsamples([(40001, 30003), (10000, 7500), (2500, 1875)]) == [1.0, 4.0, 16.0]
+    # a step no integer factor explains keeps its size ratio
+    assert level_downsamples([(1000, 1000), (400, 400), (200, 200)]) == [1.0, 2.5, 5.0]
+    assert level_downsamples([(7, 9)]) == [1.0]
+
+
+def test_ingested_levels_map_back_to_level0_positions(tmp_path: Path) -> None:
+    """A blob at level-0 (x, y) = (880, 900) in a 1025 px image, found at every level of the
+    ingested pyramid and mapped back with the slide's downsamples, lands within 0.6 px (the
+    size ratio, 31.06 instead of 32 at level 5, would put it 27 px off)."""
+    import dask.array as da
+
+    from wsireg_flow.io.omezarr import write_ngff_pyramid
+    from wsireg_flow.io.slide import open_slide
+
+    yy, xx = np.mgrid[0:1025, 0:1025]
+    blob = 255 * np.exp(-((xx - 880.0) ** 2 + (yy - 900.0) ** 2) / (2 * 25.0**2))
+    img = da.from_array(blob.astype(np.float32)[..., None], chunks=(512, 512, 1))
+    with open_slide(write_ngff_pyramid(img, tmp_path / "blob.zarr", max_side=40)) as s:
+        assert len(s.levels) == 6
+        for k in range(1, len(s.levels)):
+            a = s.read_region(k, 0, 0, *s.shapes[k][:2])[..., 0].astype(np.float64)
+            a = np.where(a > 0.02 * a.max(), a, 0.0)
+            v, u = np.mgrid[0 : a.shape[0], 0 : a.shape[1]]
+            y, x = (v * a).sum() / a.sum(), (u * a).sum() / a.sum()  # level-k pixel centres
+            d = s.downsamples[k]
+            assert d == 2.0**k
+            assert abs((x + 0.5) * d - 0.5 - 880.0) < 0.6, k
+            assert abs((y + 0.5) * d - 0.5 - 900.0) < 0.6, k

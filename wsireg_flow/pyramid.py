@@ -10,6 +10,7 @@ with itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import cv2
 import numpy as np
@@ -29,6 +30,27 @@ def pyramid_shapes(height: int, width: int, max_side: int = 1024) -> list[tuple[
         h, w = shapes[-1]
         shapes.append(((h + 1) // 2, (w + 1) // 2))
     return shapes
+
+
+def level_downsamples(shapes: Sequence[Sequence[int]]) -> list[float]:
+    """Level-0 pixels per pixel of each level of a pyramid of (y, x[, c]) ``shapes``.
+
+    Pyramids are built with an integer factor per step (2x here, 2x or 4x in SVS and NDPI files)
+    and sizes rounded to whole pixels (``ceil`` here, ``floor`` in Aperio files), so the ratio of
+    sizes is not the factor: 1025 px halved five times is 33 px, a ratio of 31.06 instead of 32,
+    which would misplace level-0 positions near the far edge by most of a level-k pixel. Each
+    step's factor is the integer nearest its size ratio when that integer reproduces both sizes
+    to within one pixel (else, for a pyramid with non-integer steps, the ratio itself), and a
+    level's downsample is the product of the steps above it. Level-k pixel u is then centred on
+    level-0 pixel ``(u + 0.5) * d_k - 0.5``.
+    """
+    out = [1.0]
+    for prev, cur in pairwise(shapes):
+        ratio = (prev[0] / cur[0] + prev[1] / cur[1]) / 2
+        step = max(1, round(ratio))
+        exact = abs(prev[0] / step - cur[0]) < 1 and abs(prev[1] / step - cur[1]) < 1
+        out.append(out[-1] * (step if exact else ratio))
+    return out
 
 
 def downsample2(block: np.ndarray) -> np.ndarray:

@@ -69,8 +69,9 @@ def ngff_multiscales(
     pixel_size_um : float or None
         Micrometres per level-0 pixel; None writes scales in level-0 pixels without a unit.
     downsamples : list of (float, float)
-        Level-0 pixels per pixel of each level, (along y, along x): odd sizes make the two
-        differ slightly (e.g. 2967 -> 1484 rows is 1.99933, 2220 -> 1110 columns is 2).
+        Level-0 pixels per pixel of each level, (along y, along x): the factor the level was
+        made with (2**k for 2x steps), not the ratio of sizes, which odd sizes make smaller
+        (2967 -> 1484 rows is a ratio of 1.99933 for a factor of 2).
     """
     space: dict[str, Any] = {"type": "space"}
     if pixel_size_um is not None:
@@ -181,7 +182,7 @@ def write_ngff_pyramid(
         raise ValueError(f"level0 must be (y, x, c), got shape {level0.shape}")
     h, w, c = (int(s) for s in level0.shape)
     shapes = pyramid_shapes(h, w, max_side)
-    downsamples = [(h / s[0], w / s[1]) for s in shapes]
+    downsamples = [(2.0**k, 2.0**k) for k in range(len(shapes))]  # exact, whatever the sizes
     with atomic_directory(out, overwrite) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         arrays = [

@@ -30,6 +30,7 @@ import dask.array as da
 import numpy as np
 
 from wsireg_flow.errors import InputError
+from wsireg_flow.pyramid import level_downsamples
 
 TIFF_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".scn")
 PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jp2")
@@ -69,9 +70,9 @@ class Slide:
 
     @property
     def downsamples(self) -> list[float]:
-        """Level-0 pixels per level-k pixel, from the ratio of widths and heights."""
-        h0, w0 = self.shapes[0][:2]
-        return [float(np.mean([h0 / s[0], w0 / s[1]])) for s in self.shapes]
+        """Level-0 pixels per level-k pixel: the pyramid's integer factor (see
+        :func:`wsireg_flow.pyramid.level_downsamples`), not the ratio of rounded sizes."""
+        return level_downsamples(self.shapes)
 
     @property
     def dtype(self) -> np.dtype:
