@@ -108,6 +108,11 @@ def test_read_region_clips_to_level() -> None:
         tail = s.read_region(0, 2960, 2210, 4000, 5000)
         assert tail.shape == (7, 10, 3)
         np.testing.assert_array_equal(tail, ref[2960:, 2210:])
+        # boxes wholly outside the level read nothing (a negative end once read "all but the
+        # last rows": (2867, 2120, 3) for this box)
+        for box in ((-500, -500, -100, -100), (-50, 10, -1, 40), (3000, 10, 3100, 40)):
+            assert s.read_region(0, *box).shape[:2] in ((0, 0), (0, 30)), box
+            assert all(p.shape[0] == 0 for p in s.read_planes(0, *box)), box
 
 
 def test_dask_level_matches_read_region() -> None:

@@ -121,7 +121,11 @@ class Slide:
     @staticmethod
     def _clip(arr: Any, y0: int, x0: int, y1: int, x1: int) -> tuple[slice, slice]:
         h, w = arr.shape[:2]
-        return slice(max(0, y0), min(h, y1)), slice(max(0, x0), min(w, x1))
+        # clamp both ends to [0, size]: a negative end must give an empty read, not numpy's
+        # "all but the last rows" (a box wholly above or left of the level)
+        ys = slice(min(max(0, y0), h), min(max(0, y1), h))
+        xs = slice(min(max(0, x0), w), min(max(0, x1), w))
+        return ys, xs
 
     @contextmanager
     def _decoding(self) -> Iterator[None]:
