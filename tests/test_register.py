@@ -267,6 +267,34 @@ def test_coarse_alignment_detects_mirror_and_rotation(
     assert res.score_final > res.score_initial
 
 
+def test_rotation_about_a_mirror_still_maps_centre_onto_centre() -> None:
+    for angle, flip in ((0.0, 256.0), (30.0, 256.0), (30.0, None), (200.0, 1000.0)):
+        m = rotation_about(angle, (100.0, 100.0), (50.0, 80.0), 1.2, flip)
+        np.testing.assert_allclose(apply_affine(m, np.array([[100.0, 100.0]])), [[50.0, 80.0]])
+        assert decompose(m)["reflection"] == (1.0 if flip else 0.0)
+
+
+def test_rotation_search_finds_a_mirror_of_off_centre_tissue() -> None:
+    """Tissue near the left edge, mirrored to near the right edge: the mirrored candidate once
+    started from the mirrored source centre, 640 px off, and scored 0."""
+    from wsireg_flow.geometry import flip_x
+    from wsireg_flow.rigid import rotation_search
+
+    h, w = 600, 1000
+    rng = np.random.default_rng(1)
+    texture = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 6)
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = (xx - 180) ** 2 / 150**2 + (yy - 250) ** 2 / 180**2 < 1
+    target = np.where(blob, (texture - texture.min()) / np.ptp(texture), 0).astype(np.float32)
+    source = np.ascontiguousarray(target[:, ::-1])
+    found = [r for r in rotation_search(target, source, blob, blob[:, ::-1], RigidConfig())]
+    best = max(found, key=lambda r: r.score_final)
+    assert best.flipped
+    pts = np.array([[180.0, 250.0], [100.0, 200.0], [250.0, 300.0]])
+    err = np.linalg.norm(apply_affine(best.matrix, pts) - apply_affine(flip_x(w), pts), axis=1)
+    assert err.max() < 1.0
+
+
 def test_tissue_scale_from_mask_areas() -> None:
     target = np.zeros((400, 400), bool)
     target[100:200, 100:300] = True  # 20000 px

@@ -55,17 +55,22 @@ def rotation_about(
     scale: float = 1.0,
     flip_width: float | None = None,
 ) -> np.ndarray:
-    """Target->source affine: rotate by ``angle_deg`` about the target centre onto the source
-    centre.
+    """Target->source affine on (x, y) points: rotate by ``angle_deg`` (and scale) about the
+    target centre ``center_t`` (x, y) onto the source centre ``center_s`` (x, y).
 
-    With ``flip_width`` the source is additionally mirrored in x (x -> flip_width - 1 - x).
+    With ``flip_width`` the source is additionally mirrored in x (x -> flip_width - 1 - x): the
+    rotation then lands on the mirrored source centre, which the mirror sends back to
+    ``center_s``, so the target centre still maps onto the source centre.
     """
     a = np.deg2rad(angle_deg)
     c, s = np.cos(a) * scale, np.sin(a) * scale
     lin = np.array([[c, -s], [s, c]])
+    onto = np.asarray(center_s, dtype=np.float64)
+    if flip_width is not None:
+        onto = np.array([flip_width - 1.0 - onto[0], onto[1]])
     m = np.eye(3)
     m[:2, :2] = lin
-    m[:2, 2] = np.asarray(center_s) - lin @ np.asarray(center_t)
+    m[:2, 2] = onto - lin @ np.asarray(center_t)
     if flip_width is not None:
         m = flip_x(flip_width) @ m
     return m
