@@ -192,6 +192,33 @@ def test_existing_output_is_refused_without_overwrite(cmu: dict[str, Any]) -> No
     assert code == 0, err
 
 
+def test_export_of_a_one_strip_tiff_reads_a_few_tiles_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stripped TIFF (one strip of 3000 rows) once made the export read its whole level in
+    one piece: the strip height was taken from the width axis of its (y, x, c) chunks."""
+    from wsireg_flow.io.ometiff import MAX_STRIP_TILES, export_ome_tiff
+    from wsireg_flow.io.slide import Slide
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, (3000, 2500, 3), dtype=np.uint8)
+    src = tmp_path / "stripped.tif"
+    tifffile.imwrite(src, data, photometric="rgb", rowsperstrip=3000)
+    rows: list[int] = []
+    read = Slide.read_region
+
+    def spy(self: Slide, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        out = read(self, level, y0, x0, y1, x1)
+        rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(Slide, "read_region", spy)
+    out = export_ome_tiff(src, tmp_path / "stripped.ome.tif", compression="deflate", tile=256)
+    assert max(rows) <= MAX_STRIP_TILES * 256
+    with tifffile.TiffFile(out) as tf:
+        np.testing.assert_array_equal(tf.series[0].levels[0].asarray(), data)
+
+
 def test_registered_warped_zarr_round_trips(
     prefect_env: None, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:

@@ -2,7 +2,8 @@
 
 Level 0 is the main image; coarser levels are SubIFDs of it (the layout QuPath, OMERO and
 Bio-Formats read as a pyramid). Pixels stream in tile order from one strip of the Zarr level at
-a time (a strip is one chunk row), so memory is bounded by one strip whatever the slide size.
+a time (a strip is one chunk row, at most a few tiles high), so memory is bounded by one strip
+whatever the slide size.
 The physical pixel size goes into the OME-XML (``PhysicalSizeX/Y`` in µm) and into the TIFF
 resolution tags (pixels per centimetre).
 """
@@ -47,10 +48,16 @@ def _tiles(
                 progress(stage, done, n_rows)
 
 
+MAX_STRIP_TILES = 4
+"""A strip is at most this many tile rows, whatever the input's chunks (a stripped TIFF of one
+strip would otherwise be read whole)."""
+
+
 def _chunk_rows(slide: Slide, level: int, tile: int) -> int:
-    chunks = getattr(getattr(slide.levels[level], "_arr", None), "chunks", None)
-    rows = int(chunks[-2]) if chunks else tile  # (c, y, x) chunks of our pyramids
-    return max(tile, (rows // tile) * tile)
+    """Rows read at a time: the level's chunk rows (one chunk row of an OME-Zarr level) as a
+    whole number of tiles, from 1 to ``MAX_STRIP_TILES`` tiles."""
+    rows = getattr(slide.levels[level], "chunk_rows", None) or tile
+    return min(max(tile, (rows // tile) * tile), MAX_STRIP_TILES * tile)
 
 
 def export_ome_tiff(

@@ -484,6 +484,12 @@ class _YXCView:
             ys if ax == "Y" else xs if ax == "X" else cs if ax == "C" else 0 for ax in self._axes
         )
 
+    @property
+    def chunk_rows(self) -> int | None:
+        """Rows per stored chunk (tile or strip) along y, None when the store has no chunks."""
+        chunks = getattr(self._arr, "chunks", None)
+        return int(chunks[self._axes.index("Y")]) if chunks else None
+
     def planes(self, ys: slice, xs: slice) -> list[np.ndarray]:
         """The (ys, xs) region as one contiguous (y, x) plane per channel."""
         if [ax for ax in self._axes if ax in "YXC"] == ["C", "Y", "X"]:
