@@ -282,9 +282,9 @@ def test_changed_settings_drop_the_stale_results_before_running(finished: PairJo
     with run_dir_lock(changed.run_dir):
         prepare_run_dir(changed)
     d = changed.run_dir
-    for name in ("ingest_target", "ingest_source", "preprocess", "coarse", "nonrigid"):
+    for name in ("ingest_target", "ingest_source", "preprocess", "coarse"):
         assert is_complete(d, name, changed.fingerprints()[name]), name
-    for name in ("stitch", "warp", "evaluate", "qc"):
+    for name in ("nonrigid", "stitch", "warp", "evaluate", "qc"):
         assert read_record(d, name) is None, name
     assert not (d / "warped.zarr").exists() and not (d / "metrics.json").exists()
     assert not (d / "qc").exists() or not any((d / "qc").iterdir())  # report and figures gone

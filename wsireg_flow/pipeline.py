@@ -125,10 +125,10 @@ class PairJob:
             c.rigid.max_side,
         )
         f["coarse"] = fingerprint("coarse", f["preprocess"], c.rigid.model_dump(mode="json"))
-        nr = c.nonrigid.model_dump(mode="json")
-        stitch_keys = {"smooth_sigma": nr.pop("smooth_sigma")}
-        f["nonrigid"] = fingerprint("nonrigid", f["coarse"], nr)
-        f["stitch"] = fingerprint("stitch", f["nonrigid"], stitch_keys)
+        # every nonrigid key reaches the tile stage: smooth_sigma too (tiles are judged by
+        # their smoothed flow, and the coarser levels are stitched inside the stage)
+        f["nonrigid"] = fingerprint("nonrigid", f["coarse"], c.nonrigid.model_dump(mode="json"))
+        f["stitch"] = fingerprint("stitch", f["nonrigid"])
         f["warp"] = fingerprint("warp", f["stitch"], io)
         f["evaluate"] = fingerprint(
             "evaluate",
