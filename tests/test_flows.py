@@ -321,6 +321,32 @@ def test_stack_sections_share_the_reference_frame(stack_runs: dict[str, Any]) ->
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_stack_fingerprints_see_rewritten_reference_and_landmark_files(tmp_path: Path) -> None:
+    """The reference section (no chain) and landmark files were fingerprinted by path only: a
+    rewritten reference kept its old warped copy, edited landmarks their old metrics."""
+    from wsireg_flow.stack import report_fingerprint
+
+    sections = [tmp_path / f"s{i}.tif" for i in range(3)]
+    landmarks = [tmp_path / f"s{i}.csv" for i in range(3)]
+    for p in sections + landmarks:
+        p.write_bytes(b"a")
+
+    def fingerprints() -> tuple[list[str], str]:
+        job = StackJob(sections, tmp_path / "run", Config(), None, landmarks)
+        return [job.section_fingerprint(k) for k in range(3)], report_fingerprint(job)
+
+    before, report = fingerprints()
+    ref = StackJob(sections, tmp_path / "run", Config(), None, landmarks).ref
+    sections[ref].write_bytes(b"rewritten")
+    after, report2 = fingerprints()
+    assert all(a != b for a, b in zip(before, after, strict=True))  # every chain starts there
+    assert report2 != report
+    landmarks[0].write_bytes(b"edited")
+    edited, report3 = fingerprints()
+    assert [a != b for a, b in zip(after, edited, strict=True)] == [True, False, False]
+    assert report3 != report2
+
+
 # -- d. the inbox ---------------------------------------------------------------------------------
 def test_process_inbox_files_good_and_bad_manifests(tmp_path: Path) -> None:
     from flows.inbox import process_inbox

@@ -36,6 +36,7 @@ from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, overlay, preview, registration_quality, save_figure
 from wsireg_flow.stages import (
     empty_run_dir,
+    file_fingerprint,
     fingerprint,
     holds_results,
     is_complete,
@@ -153,15 +154,17 @@ class StackJob:
         raise WsiregError("reference has no neighbour")
 
     def section_fingerprint(self, k: int) -> str:
-        """Fingerprint of everything section ``k``'s warp depends on (its chain, file, settings)."""
+        """Fingerprint of everything section ``k``'s warp and landmarks depend on: its chain,
+        its file and landmark file (path, size, modification time: a rewritten reference or
+        landmark file counts as changed), and the settings."""
         fps = [self.pair_job(i).fingerprints()["stitch"] for i in self.chain_pairs(k)]
         return fingerprint(
             "stack-section",
             k,
-            resolved_path(self.sections[k]),
+            file_fingerprint(self.sections[k]),
             fps,
             self.cfg.io.model_dump(mode="json"),
-            None if not self.landmarks else resolved_path(self.landmarks[k]),
+            None if not self.landmarks else file_fingerprint(self.landmarks[k]),
         )
 
 
