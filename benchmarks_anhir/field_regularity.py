@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from wsireg_flow.field import jacobian_determinant
+from wsireg_flow.geometry import corner_origin
 from wsireg_flow.landmarks import read_landmarks, read_pair_table, resolve_path
 from wsireg_flow.transform import Transform
 
@@ -43,7 +44,7 @@ def warped_square_sides(transform: Transform, points: np.ndarray, half: float = 
     (N, 2) (x, y) source ``points``, once mapped into the target frame; shape (N,)."""
     offsets = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
     corners = (points[:, None, :] + offsets[None]).reshape(-1, 2)
-    mapped = transform.source_to_target(corners).reshape(len(points), 4, 2)
+    mapped = corner_origin(transform.source_to_target)(corners).reshape(len(points), 4, 2)
     sides = np.linalg.norm(mapped - np.roll(mapped, -1, axis=1), axis=2)
     return sides.max(axis=1)
 

@@ -39,7 +39,8 @@ def resized_copy(image: Path, landmarks: Path, factor: float, out: Path) -> tupl
         raise SystemExit(f"{image}: cannot read the image")
     small = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(out / "source.png"), small)
-    write_landmarks(out / "source.csv", (read_landmarks(landmarks) + 0.5) * factor - 0.5)
+    # landmark files put the origin at a pixel's corner: they scale with the image as they are
+    write_landmarks(out / "source.csv", read_landmarks(landmarks) * factor)
     return out / "source.png", out / "source.csv"
 
 

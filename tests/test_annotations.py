@@ -26,12 +26,14 @@ from test_qc_report import SOURCE_LM, TARGET_LM, register_lung_pair
 from wsireg_flow.annotations import warp_geojson, warp_geojson_file
 from wsireg_flow.cli import main
 from wsireg_flow.errors import InputError
+from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.transform import Transform
 
-# Source -> target: a quarter turn plus a shift, F(x, y) = (500 - y, 100 + x).
-# The stored affine maps TARGET -> SOURCE: A(u, v) = (v - 100, 500 - u).
-AFFINE_T2S = np.array([[0.0, 1.0, -100.0], [-1.0, 0.0, 500.0], [0.0, 0.0, 1.0]])
+# Source -> target: a quarter turn plus a shift, F(x, y) = (500 - y, 100 + x), on GeoJSON's
+# corner-origin points. Transforms put the origin at pixel centres (x - 0.5), where F reads
+# (499 - y, 100 + x); the stored affine maps TARGET -> SOURCE: A(u, v) = (v - 100, 499 - u).
+AFFINE_T2S = np.array([[0.0, 1.0, -100.0], [-1.0, 0.0, 499.0], [0.0, 0.0, 1.0]])
 
 
 def _F(x: float, y: float) -> list[float]:
@@ -168,7 +170,10 @@ def test_non_axis_rotation_matches_the_formula() -> None:
     t = Transform(np.linalg.inv(fwd), None, None, (800, 800), (800, 800))
     ring = [[50.0, 60.0], [150.0, 60.0], [150.0, 90.0], [50.0, 90.0], [50.0, 60.0]]
     out = warp_geojson({"type": "Polygon", "coordinates": [ring]}, t)
-    expected = [[c * x - s * y + 12.5, s * x + c * y - 7.25] for x, y in ring]
+    # the formula acts on pixel-centre points: GeoJSON's corner-origin points are half a
+    # pixel further right and down
+    centred = [(x - 0.5, y - 0.5) for x, y in ring]
+    expected = [[c * x - s * y + 12.5 + 0.5, s * x + c * y - 7.25 + 0.5] for x, y in centred]
     np.testing.assert_allclose(out["coordinates"][0], expected, atol=1e-9)
     assert out["coordinates"][0][0] == out["coordinates"][0][-1]
 
@@ -366,7 +371,8 @@ def test_polygons_around_source_landmarks_land_on_target_landmarks(
         ring = np.asarray(f["geometry"]["coordinates"][0], float)
         assert len(ring) == 5 and (ring[0] == ring[-1]).all()
         corners = np.array([[x - 1, y - 1], [x + 1, y - 1], [x + 1, y + 1], [x - 1, y + 1]])
-        np.testing.assert_allclose(ring[:4], transform.source_to_target(corners), atol=0.01)
+        to_target = corner_origin(transform.source_to_target)  # GeoJSON: corner origin
+        np.testing.assert_allclose(ring[:4], to_target(corners), atol=0.01)
 
 
 def test_round_trip_through_a_registered_transform(run: Path) -> None:

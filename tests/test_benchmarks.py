@@ -115,7 +115,7 @@ def test_resized_sources_benchmark_recovers_the_scale(tmp_path: Path) -> None:
     src = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
     orig = read_landmarks(src / "29-041-Izd2-w35-Cc10-5-les3.csv")
     moved = read_landmarks(out / "pair-2" / "x1.7" / "inputs" / "source.csv")
-    np.testing.assert_allclose(moved, (orig + 0.5) * 1.7 - 0.5, atol=1e-6)
+    np.testing.assert_allclose(moved, orig * 1.7, atol=1e-6)  # corner-origin points scale as is
 
 
 def test_field_regularity_measures_warped_squares_and_stretch() -> None:

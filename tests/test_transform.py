@@ -12,6 +12,7 @@ from wsireg_flow.errors import InputError
 from wsireg_flow.field import StoredField, invert
 from wsireg_flow.geometry import (
     apply_affine,
+    corner_origin,
     decompose,
     flip_x,
     level_to_level0,
@@ -212,6 +213,20 @@ def test_level_pixel_centres() -> None:
     # pixel 0 of a level with downsample 8 is centred between level-0 pixels 3 and 4
     np.testing.assert_allclose(apply_affine(level_to_level0(8.0), [[0.0, 0.0]]), [[3.5, 3.5]])
     np.testing.assert_allclose(apply_affine(level_to_level0(1.0), [[5.0, 7.0]]), [[5.0, 7.0]])
+
+
+def test_corner_origin_points_map_like_the_pixels_they_name() -> None:
+    """A 100 px wide mirror sends pixel-centre x to 99 - x, and corner-origin x (landmark CSVs,
+    GeoJSON) to 100 - x: the left edge of the image to its right edge. A 2x downscale sends
+    corner-origin x to x / 2 (pixel centre x to (x - 0.5) / 2)."""
+    mirror = Transform(flip_x(100), None, None, (50, 100), (50, 100))
+    pts = np.array([[0.0, 0.0], [0.5, 10.5], [100.0, 50.0]])
+    np.testing.assert_allclose(mirror.target_to_source(pts), [[99, 0], [98.5, 10.5], [-1, 50]])
+    np.testing.assert_allclose(
+        corner_origin(mirror.target_to_source)(pts), [[100, 0], [99.5, 10.5], [0, 50]]
+    )
+    half = Transform(np.linalg.inv(level_to_level0(2.0)), None, None, (50, 100), (25, 50))
+    np.testing.assert_allclose(corner_origin(half.target_to_source)(pts), pts / 2)
 
 
 def test_rescale_and_to_level0_are_inverses() -> None:

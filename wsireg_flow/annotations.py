@@ -1,6 +1,7 @@
 """Warp GeoJSON annotations (QuPath style) between the target and source frames.
 
-Coordinates are (x, y) level-0 pixels of the slide they belong to, as QuPath exports them.
+Coordinates are (x, y) level-0 pixels of the slide they belong to, as QuPath exports them
+(origin at the top-left corner of the top-left pixel: see :func:`geometry.corner_origin`).
 Supported geometries: Point, MultiPoint, LineString, MultiLineString, Polygon (holes kept),
 MultiPolygon and GeometryCollection; a FeatureCollection, a list of features (QuPath's
 "export as array"), a single Feature or a bare geometry. Properties are kept untouched.
@@ -14,18 +15,17 @@ import copy
 import itertools
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from wsireg_flow.errors import InputError
+from wsireg_flow.geometry import PointMap, corner_origin
 from wsireg_flow.stages import temp_sibling
 from wsireg_flow.transform import Transform
 
 Direction = Literal["source-to-target", "target-to-source"]
-PointMap = Callable[[np.ndarray], np.ndarray]
 
 
 def _densify(ring: np.ndarray, step: float) -> np.ndarray:
@@ -87,9 +87,9 @@ def warp_geojson(
 ) -> Any:
     """Warp every geometry of a GeoJSON object (same structure returned, properties kept)."""
     if direction == "source-to-target":
-        fn: PointMap = transform.source_to_target
+        fn = corner_origin(transform.source_to_target)
     elif direction == "target-to-source":
-        fn = transform.target_to_source
+        fn = corner_origin(transform.target_to_source)
     else:
         raise ValueError(f"direction must be source-to-target or target-to-source, got {direction}")
 

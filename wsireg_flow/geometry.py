@@ -7,11 +7,30 @@ Conventions
   affines map TARGET coordinates to SOURCE coordinates (backward map).
 * A level with downsample ``d`` (level-0 pixels per level pixel, box-averaged) has its pixel
   ``u`` centred at level-0 coordinate ``(u + 0.5) * d - 0.5``.
+* Landmark CSVs (ANHIR, ImageJ) and GeoJSON annotations (QuPath) put the origin at the
+  top-left corner of the top-left pixel instead: :func:`corner_origin` adapts a point map.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+PointMap = Callable[[np.ndarray], np.ndarray]
+"""A map of (N, 2) (x, y) point arrays."""
+
+
+def corner_origin(point_map: PointMap) -> PointMap:
+    """``point_map`` (pixel-centre origin, as every transform here) for points whose origin is
+    the top-left corner of the top-left pixel (landmark CSVs, GeoJSON): shifted by half a
+    pixel on the way in and back on the way out. Without the shift a map with linear part L
+    moves corner-origin points by (L - I) (0.5, 0.5): a whole pixel in x for a mirror."""
+
+    def mapped(points: np.ndarray) -> np.ndarray:
+        return point_map(np.asarray(points, dtype=np.float64) - 0.5) + 0.5
+
+    return mapped
 
 
 def level_to_level0(d: float) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, RegistrationError, WsiregError
+from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.omezarr import atomic_directory, ingest
 from wsireg_flow.io.slide import Slide, open_slide, probe_shape
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
@@ -423,10 +424,13 @@ def landmark_outputs(
     """
     tl = read_landmarks(target_landmarks) if target_landmarks else None
     sl = read_landmarks(source_landmarks) if source_landmarks else None
+    # landmark files put the origin at a pixel's corner, transforms at its centre
+    to_target = corner_origin(transform.source_to_target)
+    to_source = corner_origin(transform.target_to_source)
     if sl is not None:
-        write_landmarks(run_dir / "warped-source-landmarks.csv", transform.source_to_target(sl))
+        write_landmarks(run_dir / "warped-source-landmarks.csv", to_target(sl))
     if tl is not None:
-        write_landmarks(run_dir / "warped-target-landmarks.csv", transform.target_to_source(tl))
+        write_landmarks(run_dir / "warped-target-landmarks.csv", to_source(tl))
     if tl is None or sl is None:
         return None
     if diagonal is None:
@@ -441,8 +445,8 @@ def landmark_outputs(
             min(len(tl), len(sl)),
         )
     t, s = paired(tl, sl)
-    score = score_pair(t, s, transform.source_to_target(s), diagonal)
-    target_space = np.linalg.norm(transform.target_to_source(t) - s, axis=1) / diagonal
+    score = score_pair(t, s, to_target(s), diagonal)
+    target_space = np.linalg.norm(to_source(t) - s, axis=1) / diagonal
     return {
         "diagonal": diagonal,
         "n_target_landmarks": len(tl),

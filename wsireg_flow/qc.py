@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from wsireg_flow.field import jacobian_determinant, sample
+from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.slide import Slide
 from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.register import LevelReport
@@ -381,7 +382,7 @@ def qc_figures(
     ]
     if landmarks is not None:
         t_pts, s_pts = landmarks
-        warped_pts = transform.source_to_target(s_pts)
+        warped_pts = corner_origin(transform.source_to_target)(s_pts)
         paths.append(
             save_figure(
                 qc_dir / "landmarks.png",

@@ -29,6 +29,7 @@ import numpy as np
 
 from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, WsiregError
+from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
 from wsireg_flow.pipeline import PairJob, job_is_complete
@@ -244,7 +245,7 @@ def warp_section(job: StackJob, k: int, progress: ProgressFn | None = None) -> b
         )
         outputs = [f"sections/{name}.zarr", f"sections/{name}.json"]
         if job.landmarks:
-            pts = chain.source_to_target(read_landmarks(job.landmarks[k]))
+            pts = corner_origin(chain.source_to_target)(read_landmarks(job.landmarks[k]))
             write_landmarks(job.run_dir / "sections" / f"{name}-landmarks.csv", pts)
             outputs.append(f"sections/{name}-landmarks.csv")
         return outputs

@@ -31,6 +31,7 @@ import dask.array as da
 import numpy as np
 
 from wsireg_flow.field import StoredField
+from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.ometiff import export_ome_tiff
 from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
@@ -245,8 +246,9 @@ def synthesize_pair(
     )
     truth.save(d / "truth")
     margin = int(params.displacement_px * 2 + max(abs(v) for v in params.translation)) + 64
-    t_pts = _tissue_points(target_density, n_landmarks, seed, margin)
-    s_pts = truth.target_to_source(t_pts)
+    # landmark files put the origin at a pixel's corner (the points are drawn at centres)
+    t_pts = _tissue_points(target_density, n_landmarks, seed, margin) + 0.5
+    s_pts = corner_origin(truth.target_to_source)(t_pts)
     write_landmarks(d / "target.csv", t_pts)
     write_landmarks(d / "source.csv", s_pts)
     write_pair_table(
