@@ -342,6 +342,37 @@ def test_planar_cyx_ome_tiff_is_presented_as_yxc(tmp_path: Path) -> None:
         assert s.levels[0][5:6, 6:7, 2:3].item() == cyx[2, 5, 6]
 
 
+@pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
+def test_tiles_a_tiff_leaves_out_read_as_white_glass(tmp_path: Path, planar: bool) -> None:
+    """A tile with byte count 0 was filled with 0: black, which reads as dense tissue."""
+    rng = np.random.default_rng(0)
+    shape = (3, 512, 512) if planar else (512, 512, 3)
+    tile_shape = (256, 256) if planar else (256, 256, 3)
+    n = 12 if planar else 4
+
+    def tiles():  # tile 1 of every plane is left out
+        for i in range(n):
+            yield None if i % 4 == 1 else rng.integers(0, 100, tile_shape, dtype=np.uint8)
+
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=shape,
+        dtype=np.uint8,
+        tile=(256, 256),
+        photometric="rgb",
+        planarconfig="separate" if planar else "contig",
+    )
+    with tifffile.TiffFile(path) as tf:
+        assert 0 in tf.pages[0].databytecounts
+    with open_slide(path) as s:
+        img = s.read_region(0, 0, 0, 512, 512)
+        assert (img[:256, 256:] == 255).all()
+        assert img[:256, :256].max() < 100 and img[256:].max() < 100
+        assert (s.read_planes(0, 0, 256, 256, 512)[0] == 255).all()
+
+
 def test_read_planes_equals_read_region_for_planar_and_interleaved(tmp_path: Path) -> None:
     """read_planes gives the channels of read_region (clipped alike) whether the level is stored
     (c, y, x) or (y, x, c)."""

@@ -260,7 +260,8 @@ def _open_tiff(p: Path) -> Slide:
             _check_not_truncated(s, p)
         index = choose_main_series([(s.name, s.shape, s.axes) for s in all_series])
         series = all_series[index]
-        group = zarr.open(tf.aszarr(series=index), mode="r")
+        fill = empty_tile_fill(series.levels[0].pages[0])
+        group = zarr.open(tf.aszarr(series=index, fillvalue=fill), mode="r")
         raw = (
             [group]
             if hasattr(group, "shape")
@@ -269,7 +270,7 @@ def _open_tiff(p: Path) -> Slide:
         fd = _Fd(os.open(p, os.O_RDONLY))
         levels: list[Any] = []
         for k, a in enumerate(raw):
-            direct = _TiledLevel.try_create(series.levels[k], fd.fd)
+            direct = _TiledLevel.try_create(series.levels[k], fd.fd, fill)
             levels.append(direct if direct is not None else _YXCView(a, series.levels[k].axes))
         alpha = tiff_alpha(series.levels[0].pages[0])
         if alpha is not None:
@@ -283,6 +284,15 @@ def _open_tiff(p: Path) -> Slide:
         tf.close()
         raise InputError(f"unsupported or corrupt TIFF ({_first_line(exc)})", p) from exc
     return Slide(p, levels, mpp, kind, series.name or "", [tf, fd])
+
+
+def empty_tile_fill(page: Any) -> int:
+    """Value of pixels in tiles a TIFF leaves out (byte count 0): white (the dtype's maximum)
+    for RGB and YCbCr brightfield images of an integer dtype, where a missing tile is empty
+    glass, else 0. Black would read as dense tissue."""
+    rgb = int(getattr(page, "photometric", -1)) in (2, 6)  # RGB, YCbCr
+    dtype = np.dtype(page.dtype)
+    return int(np.iinfo(dtype).max) if rgb and np.issubdtype(dtype, np.integer) else 0
 
 
 def tiff_alpha(page: Any) -> str | None:
@@ -401,9 +411,10 @@ class _TiledLevel:
     layouts go through the Zarr store.
     """
 
-    def __init__(self, page: Any, fd: int) -> None:
+    def __init__(self, page: Any, fd: int, fill: int = 0) -> None:
         self._page = page
         self._fd = fd
+        self._fill = fill
         self._decode = page.decode
         self._tables = getattr(page, "jpegtables", None)
         self._th, self._tw = int(page.tilelength), int(page.tilewidth)
@@ -417,7 +428,7 @@ class _TiledLevel:
         self._counts = page.databytecounts
 
     @classmethod
-    def try_create(cls, level: Any, fd: int) -> _TiledLevel | None:
+    def try_create(cls, level: Any, fd: int, fill: int = 0) -> _TiledLevel | None:
         pages = getattr(level, "pages", None)
         if not pages or len(pages) != 1:
             return None
@@ -428,7 +439,7 @@ class _TiledLevel:
             return None
         if int(page.samplesperpixel) > 1 and int(page.planarconfig) != 1:  # planar: use zarr
             return None
-        return cls(page, fd)
+        return cls(page, fd, fill)
 
     def _tile(self, ty: int, tx: int) -> np.ndarray | None:
         i = ty * self._ntx + tx
@@ -444,7 +455,7 @@ class _TiledLevel:
         h, w, c = self.shape
         y0, y1, _ = ys.indices(h)
         x0, x1, _ = xs.indices(w)
-        out = np.zeros((max(0, y1 - y0), max(0, x1 - x0), c), self.dtype)
+        out = np.full((max(0, y1 - y0), max(0, x1 - x0), c), self._fill, self.dtype)
         if out.size == 0:
             return out[:, :, cs]
         for ty in range(y0 // self._th, (y1 - 1) // self._th + 1):
