@@ -169,15 +169,15 @@ def estimate_flow(
 
     - ``dis``: DIS optical flow (:func:`_dis_flow`), patch matching refined variationally:
       precise where the stains show the same texture, but it can lock onto a wrong structure
-      locally (up to 24 px off on the bundled ANHIR pairs, where VALIS is 7 px off).
+      locally.
     - ``variational``: :func:`variational_flow`, smoothness everywhere: fewer such outliers,
       a less precise median.
     - ``dis+variational`` (default): the mean of the two, the variational flow computed at
       half resolution (it is the smooth part; at full resolution the tile flow took 2.9x the
       time of DIS alone, now 1.45x). On the 8 bundled ANHIR pairs (whole pipeline): AMrTRE
-      0.00426, AMxrTRE 0.0210, robustness 0.987, against 0.00425, 0.0237, 0.981 for ``dis``
-      alone (full-resolution variational in the mean: 0.00418, 0.0211, 0.987; ``variational``
-      alone: 0.00447, 0.0195, 0.986).
+      0.00420, AMxrTRE 0.0211, robustness 0.987, against 0.00422, 0.0229, 0.982 for ``dis``
+      alone (full-resolution variational in the mean: 0.00414, 0.0212, 0.987; ``variational``
+      alone: 0.00448, 0.0195, 0.986).
     - ``farneback``: OpenCV's Farneback flow.
     """
     t8 = _local_normalize(cv2.GaussianBlur(target, (0, 0), 1.0))
