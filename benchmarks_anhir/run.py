@@ -43,10 +43,10 @@ from wsireg_flow.landmarks import (
     write_pair_table,
 )
 from wsireg_flow.metrics import PairScore, aggregate, score_pair
-from wsireg_flow.pipeline import PAIR_STAGES, PairJob, job_is_complete, run_pair
+from wsireg_flow.pipeline import PAIR_STAGES, PairJob, holds_this_job, job_is_complete, run_pair
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import new_figure, write_figure
-from wsireg_flow.stages import read_record
+from wsireg_flow.stages import holds_results, read_record
 
 # Published results on the 251 hidden evaluation pairs (ANHIR challenge paper re-evaluation).
 PUBLISHED = [
@@ -439,6 +439,28 @@ def load_dataset(root: Path, table: Path, status: str | None, limit: int | None)
     if not root.is_dir():
         raise InputError("dataset root is not a folder", root)
     return select_pairs(read_pair_table(table), status, limit)
+
+
+def check_benchmark_dir(
+    root: Path, table: Path, out: Path, cfg: Config, status: str | None, limit: int | None
+) -> None:
+    """Refuse, before any work, an output folder that holds a register or stack run, or a pair
+    folder (``pairs/INDEX``) that holds another pair's results (another dataset or table):
+    the benchmark would fail those pairs, or mix its outputs with another run's."""
+    for marker, kind in (("job.json", "register"), ("stack.json", "stack")):
+        if (out / marker).is_file():
+            raise WsiregError(f"holds a {kind} run, not an ANHIR run: choose another --out", out)
+    for p in load_dataset(root, table, status, limit):
+        try:
+            job = _pair_job(p, root, out, cfg)
+        except WsiregError:  # a bad path in this row: recorded as the pair's failure later
+            continue
+        if holds_results(job.run_dir) and not holds_this_job(job):
+            raise WsiregError(
+                "holds another pair's results (another dataset or pair table): choose "
+                "another --out",
+                job.run_dir,
+            )
 
 
 def benchmark_is_complete(

@@ -415,7 +415,8 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 def test_limited_malloc_arenas_let_worker_threads_memory_go_back() -> None:
     """Four threads allocate and free 40 MB each: a trim cannot return the free top of the
     heaps glibc gave them (120-170 MB stayed resident when measured), unless the process keeps
-    two heaps for all its threads (16-25 MB)."""
+    two heaps for all its threads (16-25 MB). Once, with 4 processes on 2 cores, the unlimited
+    run kept 15 MB too (no contention): the pair is then measured again."""
 
     def resident_mb(mode: str) -> float:
         r = subprocess.run(
@@ -423,7 +424,10 @@ def test_limited_malloc_arenas_let_worker_threads_memory_go_back() -> None:
         )
         return float(r.stdout)
 
-    free, limited = resident_mb("free"), resident_mb("limit")
+    for _ in range(3):  # on a loaded machine the threads may not contend: measure again
+        free, limited = resident_mb("free"), resident_mb("limit")
+        if free >= 60:
+            break
     print(
         f"\nresident after the threads freed their blocks: {free:.0f} MB, limited {limited:.0f} MB"
     )

@@ -22,7 +22,7 @@ import numpy as np
 
 from wsireg_flow.errors import InputError
 from wsireg_flow.geometry import PointMap, corner_origin
-from wsireg_flow.stages import temp_sibling
+from wsireg_flow.stages import check_file_output, temp_sibling
 from wsireg_flow.transform import Transform
 
 Direction = Literal["source-to-target", "target-to-source"]
@@ -115,11 +115,14 @@ def warp_geojson_file(
     out: str | os.PathLike[str],
     direction: Direction = "source-to-target",
     densify: float = 0.0,
+    overwrite: bool = False,
 ) -> Path:
-    """Read, warp and write a GeoJSON file (written atomically)."""
+    """Read, warp and write a GeoJSON file (written atomically; an existing ``out`` only with
+    ``overwrite``, never over ``src`` or the transform)."""
     p = Path(src)
     if not p.is_file():
         raise InputError("file not found", p)
+    o = check_file_output(out, overwrite, [p, transform_dir])
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -128,7 +131,6 @@ def warp_geojson_file(
         warped = warp_geojson(data, Transform.load(transform_dir), direction, densify)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputError(f"not valid GeoJSON ({type(exc).__name__}: {exc})", p) from None
-    o = Path(out)
     tmp = temp_sibling(o)
     tmp.write_text(json.dumps(warped))
     os.replace(tmp, o)

@@ -30,7 +30,7 @@ from wsireg_flow.config import (
     load_config,
 )
 from wsireg_flow.errors import ConfigError, InputError, WsiregError, output_error
-from wsireg_flow.stages import check_unlocked, check_writable_dir, limit_malloc_arenas
+from wsireg_flow.stages import check_writable_dir, limit_malloc_arenas
 from wsireg_flow.watchdog import descendants, start_watchdog, stop_watchdog
 
 Handler = Callable[[argparse.Namespace], int]
@@ -163,7 +163,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_stack(args: argparse.Namespace) -> int:
     """`wsireg-flow stack`: register serial sections to a reference section."""
-    from wsireg_flow.stack import StackJob, collect_sections, stack_is_complete
+    from wsireg_flow.stack import StackJob, check_stack_dir, collect_sections, stack_is_complete
 
     cfg = _config(args)
     sections = collect_sections(args.slides)
@@ -176,8 +176,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         landmarks = None if landmarks is None else [landmarks[k] for k in order]
     job = StackJob(sections, args.out, cfg, args.reference, landmarks)
     job.validate()
-    check_writable_dir(args.out)
-    check_unlocked(args.out)
+    check_stack_dir(job)
     if not args.overwrite and stack_is_complete(job):
         # a finished stack with unchanged inputs and settings: nothing to orchestrate
         metrics = json.loads((args.out / "metrics.json").read_text())
@@ -235,13 +234,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_anhir(args: argparse.Namespace) -> int:
     """`wsireg-flow anhir`: register and score an ANHIR-layout dataset."""
-    from benchmarks_anhir.run import benchmark_is_complete, run_benchmark
+    from benchmarks_anhir.run import benchmark_is_complete, check_benchmark_dir, run_benchmark
 
     cfg = _config(args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"must be at least 1, got {args.limit}", "--limit")
     where = (args.dataset, args.pairs, args.out, cfg)
     check_writable_dir(args.out)
+    check_benchmark_dir(*where, args.status, args.limit)
     if benchmark_is_complete(*where, args.status, args.limit):
         # every pair finished with unchanged inputs and settings: rescore, no orchestration
         summary = run_benchmark(*where, status=args.status, limit=args.limit)
@@ -267,7 +267,10 @@ def cmd_warp_annotations(args: argparse.Namespace) -> int:
     """`wsireg-flow warp-annotations`: map GeoJSON annotations through a finished run."""
     from wsireg_flow.annotations import warp_geojson_file
 
-    print(warp_geojson_file(args.transform, args.geojson, args.out, args.direction, args.densify))
+    out = warp_geojson_file(
+        args.transform, args.geojson, args.out, args.direction, args.densify, args.overwrite
+    )
+    print(out)
     return 0
 
 
@@ -451,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="Add vertices every PX level-0 pixels along edges before warping.",
     )
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
     _add_common(p)
     p.set_defaults(func=cmd_warp_annotations)
 

@@ -50,6 +50,7 @@ from wsireg_flow.register import (
     stitch_level,
 )
 from wsireg_flow.stages import (
+    check_not_over_inputs,
     check_unlocked,
     check_writable_dir,
     drop_stale,
@@ -109,6 +110,10 @@ class PairJob:
             "diagonal": self.diagonal,
         }
 
+    def inputs(self) -> list[Path | None]:
+        """The job's input files (None for landmark files not given)."""
+        return [self.target, self.source, self.target_landmarks, self.source_landmarks]
+
     def fingerprints(self) -> dict[str, str]:
         """Chained fingerprint of every stage (inputs + the settings each stage reads)."""
         if self._fps:
@@ -152,6 +157,7 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     """Refuse (before any work) a run directory that cannot be written, that another run is
     writing now, or that holds another job (unless ``overwrite``)."""
     d = job.run_dir
+    check_not_over_inputs(d, job.inputs())
     check_writable_dir(d)
     check_unlocked(d)
     if not overwrite and holds_results(d) and not holds_this_job(job):
@@ -170,6 +176,7 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
     settings changed (until they run again the directory must not look complete).
     """
     d = job.run_dir
+    check_not_over_inputs(d, job.inputs())
     if holds_results(d):
         if not overwrite and not holds_this_job(job):
             raise WsiregError(

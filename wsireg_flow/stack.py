@@ -36,6 +36,9 @@ from wsireg_flow.pipeline import PairJob, job_is_complete
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, overlay, preview, registration_quality, save_figure
 from wsireg_flow.stages import (
+    check_not_over_inputs,
+    check_unlocked,
+    check_writable_dir,
     empty_run_dir,
     file_fingerprint,
     fingerprint,
@@ -198,12 +201,21 @@ def holds_this_stack(job: StackJob) -> bool:
     return all(old.get(k) == v for k, v in _describe(job).items())
 
 
+def check_stack_dir(job: StackJob) -> None:
+    """Refuse, before any work, a run directory that is or holds a section or landmark file,
+    cannot be written, or that another run is writing now."""
+    check_not_over_inputs(job.run_dir, [*job.sections, *(job.landmarks or [])])
+    check_writable_dir(job.run_dir)
+    check_unlocked(job.run_dir)
+
+
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     """Create the stack run directory and ``stack.json``; refuse one holding another stack
     unless ``overwrite`` (which empties it first). Call with
     :func:`~wsireg_flow.stages.run_dir_lock` held: resuming deletes the temporary outputs an
     interrupted run left."""
     d = job.run_dir
+    check_not_over_inputs(d, [*job.sections, *(job.landmarks or [])])
     desc = _describe(job)
     f = d / "stack.json"
     if holds_results(d):

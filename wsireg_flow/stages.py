@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +106,46 @@ def check_writable_dir(path: Path) -> None:
         raise WsiregError(f"cannot create a directory under {existing}: not a directory", path)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise WsiregError(f"cannot write here: {existing} is not writable", path)
+
+
+def check_not_over_inputs(
+    out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]
+) -> None:
+    """Refuse an output that is one of ``inputs`` or a directory holding one (symlinks
+    followed): writing it, and replacing or emptying it with ``--overwrite``, would destroy
+    the input.
+
+    Raises
+    ------
+    WsiregError
+        Naming the output and the input it would destroy.
+    """
+    o = Path(out).resolve()
+    for p in inputs:
+        if p is None:
+            continue
+        q = Path(p).resolve()
+        if q == o or o in q.parents:
+            raise WsiregError(f"is or holds the input {p}: choose another output", out)
+
+
+def check_file_output(
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> Path:
+    """Refuse, before any work, a single-file output that is or holds an input, that is a
+    directory, or that exists (unless ``overwrite``); create its missing parent directories.
+    Returns the output as a Path."""
+    o = Path(out)
+    check_not_over_inputs(o, inputs)
+    if o.is_dir():
+        raise WsiregError("exists and is a directory: choose a file name", o)
+    if o.exists() and not overwrite:
+        raise WsiregError("output exists (use --overwrite to replace it)", o)
+    check_writable_dir(o.parent)
+    o.parent.mkdir(parents=True, exist_ok=True)
+    return o
 
 
 def holds_results(run_dir: Path) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.progress import ProgressFn
+from wsireg_flow.stages import check_not_over_inputs
 from wsireg_flow.transform import InverseView, Transform, TransformChain
 
 CV_MAX = 32767
@@ -115,6 +116,7 @@ def warp_slide(
 
     ``nearest`` uses nearest-neighbour sampling (label masks keep their values).
     """
+    check_not_over_inputs(out, [source.path])
     level0 = warped_level0(transform, source, chunk, nearest)
     return write_ngff_pyramid(
         level0,

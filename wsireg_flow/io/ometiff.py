@@ -18,10 +18,9 @@ from typing import Literal
 import numpy as np
 import tifffile
 
-from wsireg_flow.errors import WsiregError
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.stages import temp_sibling
+from wsireg_flow.stages import check_file_output, temp_sibling
 
 
 def _tiles(
@@ -78,9 +77,7 @@ def export_ome_tiff(
     JPEG needs uint8 with 1 or 3 channels; anything else is written with deflate.
     Written to a temporary name and renamed when complete.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise WsiregError("output exists (use --overwrite to replace it)", out)
+    out = check_file_output(out, overwrite, [source])
     slide = slide if slide is not None else open_slide(source)
     _h, _w, c = slide.shapes[0]
     if compression == "jpeg" and not (slide.dtype == np.uint8 and c in (1, 3)):

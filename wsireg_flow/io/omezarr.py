@@ -41,7 +41,7 @@ from wsireg_flow.io.slide import Slide, _YXCView
 from wsireg_flow.io.zarrchunks import ChunkedV2Array
 from wsireg_flow.progress import DaskProgress, ProgressFn
 from wsireg_flow.pyramid import downsample2_cyx, pyramid_shapes
-from wsireg_flow.stages import temp_sibling
+from wsireg_flow.stages import check_not_over_inputs, temp_sibling
 
 NGFF_VERSION = "0.4"
 
@@ -317,6 +317,7 @@ def ingest(
     Level 0 is copied pixel for pixel; coarser levels are recomputed from it (not taken from
     the slide's own pyramid, whose downsample factors are often not exactly 2).
     """
+    check_not_over_inputs(out, [slide.path])
     level0 = slide.dask_level(0, chunks=chunk)
     try:
         return write_ngff_pyramid(

@@ -1,0 +1,137 @@
+"""Outputs never destroy inputs: every command refuses an ``--out`` that is, or holds, one of
+its inputs (``--overwrite`` would replace or empty it), single-file outputs are not replaced
+without ``--overwrite`` and get their missing folders, and ``anhir`` refuses a folder that holds
+another run before it starts.
+
+All refusals happen before any work: one line naming the path, exit 2, inputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsireg_flow.cli import main
+from wsireg_flow.transform import Transform
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = ROOT / "data" / "anhir-sample" / "lesions_" / "scale-5pc"
+DATASET = ROOT / "data" / "anhir-sample"
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([*argv, "--quiet"])
+    return code, err.getvalue()
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _refused(code: int, err: str, path: Path, problem: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(path) in lines[0] and problem in lines[0], lines[0]
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    """A folder holding two slides and a note, as a user keeps them."""
+    d = tmp_path / "case"
+    d.mkdir()
+    shutil.copy(CASE / "Izd2-29-041-w35_HE.jpg", d / "a.jpg")
+    shutil.copy(CASE / "Izd2-29-041-w35_proSPC.jpg", d / "b.jpg")
+    (d / "notes.txt").write_text("keep me\n")
+    return d
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_register_and_stack_refuse_a_run_directory_holding_their_inputs(
+    inputs: Path, overwrite: bool
+) -> None:
+    """`register a b --out FOLDER-OF-a-AND-b --overwrite` once emptied the folder: the slides
+    and the user's other files were deleted."""
+    before = _digest(inputs)
+    flag = ["--overwrite"] if overwrite else []
+    a, b = str(inputs / "a.jpg"), str(inputs / "b.jpg")
+    for argv in (
+        ["register", a, b, "--out", str(inputs), *flag],
+        ["stack", str(inputs / "a.jpg"), str(inputs / "b.jpg"), "--out", str(inputs), *flag],
+        ["stack", a, b, "--out", str(inputs.parent), *flag],  # a folder above the inputs
+    ):
+        code, err = _cli(argv)
+        _refused(code, err, Path(argv[argv.index("--out") + 1]), "is or holds the input")
+    assert _digest(inputs) == before
+
+
+def test_ingest_and_export_refuse_to_write_over_their_input(inputs: Path, tmp_path: Path) -> None:
+    a = inputs / "a.jpg"
+    before = _digest(inputs)
+    code, err = _cli(["ingest", str(a), "--out", str(a), "--overwrite"])
+    _refused(code, err, a, "is or holds the input")
+    assert _digest(inputs) == before
+    zarr = tmp_path / "a.zarr"
+    assert _cli(["ingest", str(a), "--out", str(zarr)])[0] == 0
+    code, err = _cli(["export", str(zarr), "--out", str(zarr), "--overwrite"])
+    _refused(code, err, zarr, "is or holds the input")
+    assert (zarr / ".zattrs").is_file()
+    # a single-file output gets its missing folders; a folder is not a file name
+    deep = tmp_path / "new" / "folder" / "a.ome.tif"
+    assert _cli(["export", str(zarr), "--out", str(deep)])[0] == 0 and deep.is_file()
+    code, err = _cli(["export", str(zarr), "--out", str(deep.parent)])
+    _refused(code, err, deep.parent, "exists and is a directory")
+
+
+def test_warp_annotations_keeps_existing_files_without_overwrite(tmp_path: Path) -> None:
+    """warp-annotations replaced an existing output, or its own input, without a word."""
+    transform_dir = tmp_path / "transform"
+    shift = np.array([[1.0, 0.0, -5.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # target -> source
+    Transform(shift, None, None, (100, 100), (100, 100)).save(transform_dir)
+    src = tmp_path / "points.geojson"
+    src.write_text(json.dumps({"type": "Point", "coordinates": [10.0, 20.0]}))
+    original = src.read_bytes()
+    code, err = _cli(["warp-annotations", str(transform_dir), str(src), "--out", str(src)])
+    _refused(code, err, src, "is or holds the input")
+    assert src.read_bytes() == original
+    out = tmp_path / "new" / "warped.geojson"
+    assert _cli(["warp-annotations", str(transform_dir), str(src), "--out", str(out)])[0] == 0
+    assert json.loads(out.read_text())["coordinates"] == [15.0, 20.0]
+    out.write_text("mine")
+    code, err = _cli(["warp-annotations", str(transform_dir), str(src), "--out", str(out)])
+    _refused(code, err, out, "--overwrite")
+    assert out.read_text() == "mine"
+    argv = ["warp-annotations", str(transform_dir), str(src), "--out", str(out), "--overwrite"]
+    assert _cli(argv)[0] == 0
+    assert json.loads(out.read_text())["coordinates"] == [15.0, 20.0]
+
+
+def test_anhir_refuses_a_folder_holding_another_run(tmp_path: Path) -> None:
+    """anhir once wrote beside a register run, and failed every pair whose folder held another
+    dataset's pair, advising an --overwrite it does not have."""
+    table = DATASET / "dataset.csv"
+    base = ["anhir", "--dataset", str(DATASET), "--pairs", str(table), "--limit", "1"]
+    register_run = tmp_path / "register-run"
+    register_run.mkdir()
+    (register_run / "job.json").write_text("{}")
+    code, err = _cli([*base, "--out", str(register_run)])
+    _refused(code, err, register_run, "holds a register run")
+    other = tmp_path / "other-anhir"
+    (other / "pairs" / "0").mkdir(parents=True)
+    (other / "pairs" / "0" / "job.json").write_text(json.dumps({"target": "elsewhere.jpg"}))
+    code, err = _cli([*base, "--out", str(other)])
+    _refused(code, err, other / "pairs" / "0", "holds another pair's results")
+    assert sorted(p.name for p in other.iterdir()) == ["pairs"]  # nothing written
