@@ -318,6 +318,22 @@ def test_rerun_same_job_does_no_work(run: dict[str, object]) -> None:
     assert (d / "metrics.json").stat().st_mtime_ns == before
 
 
+def test_one_landmark_file_is_warped_and_the_missing_one_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--target-landmarks alone was warped and silently not scored."""
+    out = tmp_path / "run"
+    argv = ["register", str(TARGET), str(SOURCE), "--out", str(out), "--quiet"]
+    with contextlib.redirect_stdout(io.StringIO()), caplog.at_level("WARNING"):
+        assert main([*argv, "--target-landmarks", str(TARGET_LM), "--scheduler", "threads"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "wsireg_flow.cli"] == [
+        "--target-landmarks is warped but not scored: rTRE needs --source-landmarks too"
+    ]
+    assert len(read_landmarks(out / "warped-target-landmarks.csv")) == N_LANDMARKS
+    assert not (out / "warped-source-landmarks.csv").exists()
+    assert "median_rtre" not in json.dumps(json.loads((out / "metrics.json").read_text()))
+
+
 @pytest.fixture(scope="module")
 def error_runs(
     run: dict[str, object], tmp_path_factory: pytest.TempPathFactory

@@ -338,6 +338,18 @@ def test_a_full_disk_is_reported_as_such_not_as_a_bad_input(
     )
     assert str(TARGET) not in line
 
+    # a write that fails on a full disk raises ENOSPC without a file name: --out is named
+    def full_write(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(omezarr, "write_ngff_pyramid", full_write)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["ingest", str(TARGET), "--out", str(out), "--quiet"]) == 2
+    assert stderr.getvalue().strip() == (
+        f"wsireg-flow: error: {out}: cannot write (No space left on device)"
+    )
+
     class State:
         def __init__(self, exc: BaseException) -> None:
             self.exc = exc

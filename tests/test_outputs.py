@@ -135,3 +135,21 @@ def test_anhir_refuses_a_folder_holding_another_run(tmp_path: Path) -> None:
     code, err = _cli([*base, "--out", str(other)])
     _refused(code, err, other / "pairs" / "0", "holds another pair's results")
     assert sorted(p.name for p in other.iterdir()) == ["pairs"]  # nothing written
+
+
+def test_a_reader_that_goes_away_is_not_an_error() -> None:
+    """`wsireg-flow config | head -1` printed 'error: BrokenPipeError' and exited 1."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "wsireg_flow.cli", "config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 0, err
+    assert err == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -73,3 +75,16 @@ def test_target_is_the_source_through_the_truth_with_a_stain_change(
     # different stains: mean tissue colours differ (H&E purple vs DAB brown)
     mean_t, mean_w = t_rgb[tissue].mean(axis=0), w_rgb[tissue].mean(axis=0)
     assert np.abs(mean_t - mean_w).max() > 15
+
+
+def test_sizes_without_room_for_landmarks_are_refused(tmp_path: Path) -> None:
+    """`synth --size 300x300` wrote a pair with 0 landmarks, which `register` then refused."""
+    err = io.StringIO()
+    out = tmp_path / "small"
+    with contextlib.redirect_stderr(err):
+        assert main(["synth", "--size", "700x2000", "--out", str(out), "--quiet"]) == 2
+    assert err.getvalue().strip() == (
+        "wsireg-flow: error: size 700x2000 leaves no room for landmarks: each side must be "
+        "at least 736 px"
+    )
+    assert not out.exists()

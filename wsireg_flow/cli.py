@@ -29,11 +29,12 @@ from wsireg_flow.config import (
     is_scheduler,
     load_config,
 )
-from wsireg_flow.errors import ConfigError, InputError, WsiregError, output_error
+from wsireg_flow.errors import ConfigError, InputError, OutputError, WsiregError, output_error
 from wsireg_flow.stages import check_writable_dir, limit_malloc_arenas
 from wsireg_flow.watchdog import descendants, start_watchdog, stop_watchdog
 
 Handler = Callable[[argparse.Namespace], int]
+LOG = logging.getLogger("wsireg_flow.cli")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -132,6 +133,13 @@ def cmd_register(args: argparse.Namespace) -> int:
     )
     check_inputs(job)  # fail before any orchestration starts
     check_run_dir(job, args.overwrite)
+    if (args.target_landmarks is None) != (args.source_landmarks is None):
+        given, missing = (
+            ("--target-landmarks", "--source-landmarks")
+            if args.source_landmarks is None
+            else ("--source-landmarks", "--target-landmarks")
+        )
+        LOG.warning("%s is warped but not scored: rTRE needs %s too", given, missing)
     if not args.overwrite and job_is_complete(job):
         # a finished job with unchanged inputs and settings: nothing to orchestrate
         ran = dict.fromkeys(PAIR_STAGES, False)
@@ -336,8 +344,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
         h, w = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise WsiregError(f"--size must look like 40000x40000, got {args.size!r}") from None
-    if min(h, w) < 256:
-        raise WsiregError(f"--size must be at least 256x256, got {args.size!r}")
     info = synthesize_pair(
         args.out, (h, w), seed=args.seed, overwrite=args.overwrite, progress=_progress(args)
     )
@@ -386,7 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="Register serial sections to a reference section.")
     p.add_argument("slides", nargs="+", type=Path, help="Sections in order, or one folder.")
     p.add_argument("--out", type=Path, required=True, help="Run directory to create.")
-    p.add_argument("--reference", type=int, default=None, help="Reference index (default: middle).")
+    p.add_argument(
+        "--reference",
+        type=int,
+        default=None,
+        help="Index of the reference section, counted in the final order (after --sort), from "
+        "0 (default: the middle one).",
+    )
     p.add_argument("--sort", action="store_true", help="Order the given sections by file name.")
     p.add_argument(
         "--landmarks",
@@ -547,6 +559,15 @@ def _interrupts(command: str) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _naming_output(exc: WsiregError, args: argparse.Namespace) -> WsiregError:
+    """An output error that names no file (a full disk fails a write, not an open) names the
+    command's ``--out``."""
+    out = getattr(args, "out", None)
+    if isinstance(exc, OutputError) and exc.path is None and out is not None:
+        return OutputError(str(exc), out)
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 1 failure)."""
     parser = build_parser()
@@ -571,8 +592,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsiregError as exc:
         if args.debug:
             raise
-        print(f"wsireg-flow: error: {exc}", file=sys.stderr)
+        print(f"wsireg-flow: error: {_naming_output(exc, args)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`info SLIDE | head -1`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("wsireg-flow: interrupted", file=sys.stderr)
         return 130
@@ -581,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         failed_write = output_error(exc)
         if failed_write is not None:  # disk full, read-only, no permission: say where
-            print(f"wsireg-flow: error: {failed_write}", file=sys.stderr)
+            print(f"wsireg-flow: error: {_naming_output(failed_write, args)}", file=sys.stderr)
             return 2
         first = (str(exc).strip().splitlines() or [""])[0]
         print(

@@ -30,6 +30,7 @@ import cv2
 import dask.array as da
 import numpy as np
 
+from wsireg_flow.errors import WsiregError
 from wsireg_flow.field import StoredField
 from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.ometiff import export_ome_tiff
@@ -202,16 +203,21 @@ def synthesize_pair(
 ) -> dict[str, Any]:
     """Write a synthetic target/source pair with its ground truth (see module docstring)."""
     params = params or TruthParams()
+    h, w = size
+    # landmarks keep clear of the border by the largest displacement the truth can make
+    margin = int(params.displacement_px * 2 + max(abs(v) for v in params.translation)) + 64
+    min_side = 2 * margin + 128
+    if min(h, w) < min_side:
+        raise WsiregError(
+            f"size {h}x{w} leaves no room for landmarks: each side must be at least {min_side} px"
+        )
     d = Path(out)
     if d.exists() and any(d.iterdir()):
         if not overwrite:
-            from wsireg_flow.errors import WsiregError
-
             raise WsiregError("output exists (use --overwrite to replace it)", d)
         shutil.rmtree(d)
     work = d / ".work"
     work.mkdir(parents=True, exist_ok=True)
-    h, w = size
     template = da.zeros((h, w, 1), chunks=(1024, 1024, 1), dtype=np.uint8)
 
     def block(_: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
@@ -245,7 +251,6 @@ def synthesize_pair(
         slide=colour_slide(target_density, "ihc"),
     )
     truth.save(d / "truth")
-    margin = int(params.displacement_px * 2 + max(abs(v) for v in params.translation)) + 64
     # landmark files put the origin at a pixel's corner (the points are drawn at centres)
     t_pts = _tissue_points(target_density, n_landmarks, seed, margin) + 0.5
     s_pts = corner_origin(truth.target_to_source)(t_pts)
