@@ -192,6 +192,29 @@ def test_existing_output_is_refused_without_overwrite(cmu: dict[str, Any]) -> No
     assert code == 0, err
 
 
+def test_label_pyramids_are_exported_losslessly_by_default(tmp_path: Path) -> None:
+    """A label mask warped with --labels and exported with the default JPEG came out with
+    labels 0..15 instead of {0, 3, 7, 11}."""
+    import dask.array as da
+
+    from wsireg_flow.io.omezarr import write_ngff_pyramid
+
+    labels = np.zeros((1500, 1300, 1), np.uint8)
+    labels[100:700, 200:900] = 3
+    labels[800:1400, 100:600] = 7
+    labels[300:500, 1000:1250] = 11
+    src = write_ngff_pyramid(
+        da.from_array(labels, chunks=(512, 512, 1)), tmp_path / "labels.zarr", labels=True
+    )
+    code, _, err = _cli(["export", str(src), "--out", str(tmp_path / "labels.ome.tif")])
+    assert code == 0, err
+    with tifffile.TiffFile(tmp_path / "labels.ome.tif") as tf:
+        assert tf.series[0].levels[0].keyframe.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        for level in tf.series[0].levels:
+            assert set(np.unique(level.asarray()).tolist()) <= {0, 3, 7, 11}
+        np.testing.assert_array_equal(tf.series[0].levels[0].asarray(), labels[..., 0])
+
+
 def test_export_of_a_one_strip_tiff_reads_a_few_tiles_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

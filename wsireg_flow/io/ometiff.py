@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import tifffile
 
+from wsireg_flow.io.omezarr import is_label_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.stages import check_file_output, temp_sibling
@@ -74,13 +75,15 @@ def export_ome_tiff(
 
     ``slide`` may supply the pixels instead (an already opened, possibly lazy, view).
 
-    JPEG needs uint8 with 1 or 3 channels; anything else is written with deflate.
+    JPEG needs uint8 with 1 or 3 channels, and is lossy: label pyramids (``warp --labels``),
+    whose values must survive exactly, and anything else are written with deflate.
     Written to a temporary name and renamed when complete.
     """
     out = check_file_output(out, overwrite, [source])
+    labels = slide is None and is_label_pyramid(source)
     slide = slide if slide is not None else open_slide(source)
     _h, _w, c = slide.shapes[0]
-    if compression == "jpeg" and not (slide.dtype == np.uint8 and c in (1, 3)):
+    if compression == "jpeg" and (labels or not (slide.dtype == np.uint8 and c in (1, 3))):
         compression = "deflate"
     codec = "jpeg" if compression == "jpeg" else "zlib"
     codec_args = {"level": quality if compression == "jpeg" else 6}

@@ -229,6 +229,16 @@ def write_ngff_pyramid(
     return out
 
 
+def is_label_pyramid(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an OME-Zarr pyramid written with ``labels`` (nearest-neighbour
+    levels, values to be kept exactly); False for anything else, readable or not."""
+    try:
+        attrs = json.loads((Path(path) / ".zattrs").read_text())
+        return str(attrs["multiscales"][0].get("type", "")).startswith("nearest")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return False
+
+
 def _nearest2_cyx(block: np.ndarray) -> np.ndarray:
     """Every second pixel of a (c, y, x) block (label pyramids)."""
     return np.ascontiguousarray(block[:, ::2, ::2])
