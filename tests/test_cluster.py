@@ -177,6 +177,42 @@ def test_unreachable_scheduler_is_a_one_line_error(monkeypatch: pytest.MonkeyPat
     assert time.perf_counter() - t0 < 20
 
 
+@pytest.mark.parametrize(
+    "reply", [b"", b"HTTP/1.0 400 Bad Request\r\n\r\n"], ids=["silent", "http"]
+)
+def test_a_server_that_is_not_a_dask_scheduler_is_a_one_line_error(reply: bytes) -> None:
+    """An HTTP server at the address made Client wait for ever; another reply was read as a
+    message size of exabytes (MemoryError, exit 1)."""
+    import socket
+    import threading
+
+    from wsireg_flow import parallel
+    from wsireg_flow.errors import WsiregError
+
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(reply)
+            time.sleep(3)
+
+    threading.Thread(target=serve, daemon=True).start()
+    t0 = time.perf_counter()
+    with server, pytest.raises(WsiregError) as exc:
+        parallel.check_dask_greeting(address, timeout=1.0)
+    assert str(exc.value).startswith(f"{address}: answers but is not a Dask scheduler")
+    assert "\n" not in str(exc.value)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_dask_scheduler_passes_the_greeting_check(cluster: dict[str, Any]) -> None:
+    from wsireg_flow.parallel import check_dask_greeting
+
+    check_dask_greeting(cluster["address"], timeout=5.0)  # raises when it is not one
+
+
 def _stack(out: Path, scheduler: str) -> dict[str, Any]:
     from flows.stack import register_stack
     from wsireg_flow.stack import StackJob

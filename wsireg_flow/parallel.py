@@ -9,9 +9,10 @@ other Dask cluster is used.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import dask
@@ -105,7 +106,7 @@ def describe_scheduler(scheduler: Any) -> str:
     )
 
 
-@contextmanager
+@contextlib.contextmanager
 def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
     """Yield what :func:`map_tasks` takes: a scheduler name, a handle or a ``distributed.Client``.
 
@@ -132,6 +133,7 @@ def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
         return
     from distributed import Client
 
+    check_dask_greeting(cfg.scheduler)
     try:
         client = Client(cfg.scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
     except OSError as exc:  # refused, unreachable or timed out
@@ -141,6 +143,49 @@ def dask_scheduler(cfg: DaskConfig) -> Iterator[Any]:
         ) from exc
     with client:
         yield client
+
+
+GREETING_TIMEOUT_S = 10
+MAX_GREETING_BYTES = 1 << 20
+
+
+def check_dask_greeting(address: str, timeout: float = GREETING_TIMEOUT_S) -> None:
+    """Refuse a ``tcp://`` address whose server does not greet like a Dask scheduler.
+
+    A Dask server writes its handshake as soon as a connection opens: an 8-byte little-endian
+    message size (tens of bytes), then the message. ``distributed.Client`` waits for ever on a
+    server that says nothing (an HTTP server) and reads a text reply as a size of exabytes
+    (MemoryError): this probe tells both apart from a scheduler within ``timeout`` seconds.
+    Other schemes (``tls://``, ``ws://``...) are left to ``Client``.
+
+    Raises
+    ------
+    WsiregError
+        Naming the address: nobody answered, or what answered is not a Dask scheduler.
+    """
+    scheme, sep, rest = address.rpartition("://")
+    if sep and scheme != "tcp":
+        return
+    host, _, port = rest.rpartition(":")
+    try:
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
+    except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad host or port
+        raise WsiregError(
+            f"no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({type(exc).__name__})",
+            address,
+        ) from exc
+    head = b""
+    with conn:
+        conn.settimeout(timeout)
+        with contextlib.suppress(OSError):  # silence (timeout) or a reset: no greeting
+            while len(head) < 8 and (chunk := conn.recv(8 - len(head))):
+                head += chunk
+    if len(head) < 8:
+        raise WsiregError(
+            f"answers but is not a Dask scheduler (no Dask greeting within {timeout:g} s)", address
+        )
+    if int.from_bytes(head, "little") > MAX_GREETING_BYTES:
+        raise WsiregError(f"answers but is not a Dask scheduler (it sent {head!r})", address)
 
 
 def map_tasks(
