@@ -101,8 +101,9 @@ _HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], np.float32)  # haematox
 _IHC = np.array([[0.65, 0.70, 0.29], [0.27, 0.57, 0.78]], np.float32)  # haematoxylin, DAB
 # empty glass is not pure white on a scan (summed OD 0.03-0.1 on the bundled slides)
 _GLASS = np.array([0.02, 0.02, 0.025], np.float32)
-# bumped when the images a seed gives change, so cached pairs are made again
-GENERATOR_VERSION = 2
+# bumped when the images or landmarks a seed gives change, so cached pairs are made again
+# (3: landmark files with the corner origin of ANHIR / ImageJ)
+GENERATOR_VERSION = 3
 
 
 def colorize(density: np.ndarray, stain: str) -> np.ndarray:
