@@ -127,8 +127,9 @@ def warp_geojson_file(
         data = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"not valid JSON ({exc})", p) from None
+    transform = Transform.load(transform_dir)  # its own one-line error names the directory
     try:
-        warped = warp_geojson(data, Transform.load(transform_dir), direction, densify)
+        warped = warp_geojson(data, transform, direction, densify)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputError(f"not valid GeoJSON ({type(exc).__name__}: {exc})", p) from None
     tmp = temp_sibling(o)

@@ -132,13 +132,17 @@ class Transform:
         try:
             info = json.loads((d / "affine.json").read_text())
             affine = np.asarray(info.pop("affine"), np.float64)
-        except Exception as exc:
+            ts = tuple(int(v) for v in info.pop("target_shape"))
+            ss = tuple(int(v) for v in info.pop("source_shape"))
+        except Exception as exc:  # missing file or key, not JSON, not numbers
             raise InputError(f"not a transform directory ({type(exc).__name__}: {exc})", d) from exc
-        if affine.shape != (3, 3):
-            raise InputError(f"affine must be 3x3, got {affine.shape}", d / "affine.json")
+        if affine.shape != (3, 3) or len(ts) != 2 or len(ss) != 2:
+            raise InputError(
+                f"affine must be 3x3 and shapes (y, x), got {affine.shape}, {ts}, {ss}",
+                d / "affine.json",
+            )
         back = load_field(d / info["backward"]) if info.get("backward") else None
         inv = load_field(d / info["inverse"]) if info.get("inverse") else None
-        ts, ss = tuple(info.pop("target_shape")), tuple(info.pop("source_shape"))
         for k in ("convention", "backward", "inverse"):
             info.pop(k, None)
         return cls(affine, back, inv, ts, ss, info)  # type: ignore[arg-type]
