@@ -278,6 +278,18 @@ def test_invert_points_solves_forward_map() -> None:
     np.testing.assert_allclose(x[:, 1] + rx[1], p[:, 1], atol=1e-3)
 
 
+def test_invert_points_converges_where_the_field_stretches_more_than_twice() -> None:
+    """r_x = 1.5 (x - 50): x + r(x) = 2.5 x - 75 is invertible, but the plain iteration
+    x <- p - r(x) multiplies its error by -1.5 each step (measured on DIS-only ANHIR fields:
+    landmarks left 19-29 px from their solution)."""
+    yy, xx = np.mgrid[0:100, 0:100].astype(np.float32)
+    r = np.stack([np.zeros_like(yy), 1.5 * (xx - 50)])
+    p = np.array([[30.0, 60.0], [70.0, 45.0], [10.0, 80.0]])  # (y, x)
+    x = invert_points(r, p)
+    np.testing.assert_allclose(x[:, 1], (p[:, 1] + 75) / 2.5, atol=1e-3)
+    np.testing.assert_allclose(x[:, 0], p[:, 0], atol=1e-6)
+
+
 # --------------------------------------------------------------------------- sample / resize
 
 

@@ -207,7 +207,7 @@ def test_load_refuses_non_transform_directory(tmp_path: Path) -> None:
     # an affine.json without its shapes raised a bare KeyError (exit 1); warp-annotations
     # then blamed the GeoJSON file
     (tmp_path / "affine.json").write_text(json.dumps({"affine": np.eye(3).tolist()}))
-    with pytest.raises(InputError, match="not a transform directory .KeyError") as exc:
+    with pytest.raises(InputError, match=r"not a transform directory \(KeyError") as exc:
         Transform.load(tmp_path)
     assert exc.value.path == tmp_path
     from wsireg_flow.annotations import warp_geojson_file

@@ -257,12 +257,29 @@ def invert(field: np.ndarray, iterations: int = 30, tol: float = 1e-3) -> np.nda
 
 
 def invert_points(field: np.ndarray, points_yx: np.ndarray, iterations: int = 50) -> np.ndarray:
-    """Solve x + r(x) = p for (N, 2) grid points p given as (y, x); returns x as (y, x)."""
+    """Solve x + r(x) = p for (N, 2) grid points p given as (y, x); returns x as (y, x).
+
+    Fixed-point iteration x <- x - a (x + r(x) - p), with a step a per point that starts at 1
+    (plain x <- p - r(x)) and is halved whenever a step would not reduce that point's
+    mismatch |x + r(x) - p|: the plain iteration diverges where the field stretches by more
+    than 2x along a direction (gradient of r above 1), which regularised fields still do in a
+    few places. Each point keeps its best iterate.
+    """
     p = np.asarray(points_yx, np.float32)
     x = p.copy()
+    step = np.ones(len(p), np.float32)
+
+    def mismatch(at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = at + sample(field, at[:, 0][None], at[:, 1][None])[:, 0, :].T - p
+        return d, np.hypot(d[:, 0], d[:, 1])
+
+    d, err = mismatch(x)
     for _ in range(iterations):
-        r = sample(field, x[:, 0][None], x[:, 1][None])[:, 0, :].T
-        x = p - r
+        trial = x - step[:, None] * d
+        d_trial, err_trial = mismatch(trial)
+        better = err_trial < err
+        x[better], d[better], err[better] = trial[better], d_trial[better], err_trial[better]
+        step[~better] *= np.float32(0.5)
     return x
 
 
