@@ -586,6 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the worker processes (which inherit the environment)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         logging.getLogger("distributed").setLevel(logging.WARNING)  # if already imported
+        # after an interrupt, multiprocessing's resource tracker (a child process) frees the
+        # semaphores a local cluster held and warns about each on stderr: the freeing is the
+        # cleanup, the warning only noise under the one-line message
+        quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+        before = os.environ.get("PYTHONWARNINGS", "")
+        if quiet not in before:
+            os.environ["PYTHONWARNINGS"] = f"{before},{quiet}" if before else quiet
     try:
         with _interrupts(args.command):
             return int(args.func(args) or 0)
