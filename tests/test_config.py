@@ -161,6 +161,7 @@ def test_two_errors_are_both_named(tmp_path: Path) -> None:
         ("rigid:\n  n_features: many\n", "'rigid.n_features'", "valid integer"),
         ("io:\n  chunk: 1024.5\n", "'io.chunk'", "fractional part"),
         ("io:\n  chunk: 100000\n", "'io.chunk'", "less than or equal to 8192"),
+        ("io:\n  pyramid_max_side: 9000\n", "'io.pyramid_max_side'", "or equal to 4096"),
         ("io:\n  pixel_size_um: 0\n", "'io.pixel_size_um'", "greater than 0"),
         ("io:\n  codec: gzip\n", "'io.codec'", "'lz4' or 'zstd'"),
         ("rigid:\n  ratio: 1.5\n", "'rigid.ratio'", "less than 1"),

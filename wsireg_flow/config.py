@@ -62,7 +62,11 @@ class IOConfig(_Section):
         1024, ge=64, le=8192, description="Zarr chunk side (px) of (c, y, x) chunks."
     )
     pyramid_max_side: int = Field(
-        1024, ge=64, description="Downsample by 2 until the longest side is at most this (px)."
+        1024,
+        ge=64,
+        le=4096,
+        description="Downsample by 2 until the longest side is at most this (px). At most "
+        "4096: QC previews read a pyramid's coarsest level whole.",
     )
     codec: Literal["lz4", "zstd"] = Field(
         "lz4", description="Blosc codec: lz4 (fast, no shuffle) or zstd (smaller, bit-shuffle)."
