@@ -283,6 +283,22 @@ def test_ome_tiff_pixel_size_in_nanometres_without_resolution_tags(tmp_path: Pat
         assert s.pixel_size_um == pytest.approx(0.25, abs=1e-12)
 
 
+def test_ome_tiff_pixel_size_is_the_main_images(tmp_path: Path) -> None:
+    """The first PhysicalSizeX of the OME-XML was taken, here a label image's (20 µm)."""
+    path = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        for name, data, size in (("label", _rgb(40, 60), 20.0), ("main", _rgb(300, 400), 0.5)):
+            tw.write(
+                data,
+                photometric="rgb",
+                metadata={"axes": "YXS", "Name": name, "PhysicalSizeX": size},
+            )
+    with open_slide(path) as s:
+        assert s.series_name == "main"
+        assert s.shapes[0] == (300, 400, 3)
+        assert s.pixel_size_um == pytest.approx(0.5, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     ("resolution", "unit", "expected"),
     [

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import dask.array as da
 import numpy as np
@@ -276,7 +277,7 @@ def _open_tiff(p: Path) -> Slide:
         if alpha is not None:
             levels = [_OverWhiteView(lev, premultiplied=alpha == "associated") for lev in levels]
         kind = "ome-tiff" if tf.is_ome else "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "tiff"
-        mpp = tiff_pixel_size_um(tf)
+        mpp = tiff_pixel_size_um(tf, index)
     except InputError:
         tf.close()
         raise
@@ -342,16 +343,18 @@ def _check_not_truncated(series: Any, p: Path) -> None:
 _MPP_RE = re.compile(r"\bMPP\s*=\s*([0-9.eE+-]+)")
 
 
-def tiff_pixel_size_um(tf: Any) -> float | None:
-    """Micrometres per level-0 pixel from Aperio, OME or TIFF resolution metadata, or None."""
-    page = tf.pages[0]
+def tiff_pixel_size_um(tf: Any, series: int = 0) -> float | None:
+    """Micrometres per level-0 pixel of image series ``series`` from Aperio, OME or TIFF
+    resolution metadata, or None. Each is read from that series (its OME ``Image`` element,
+    its first page): a label or macro image stored first has a pixel size of its own."""
+    page = tf.series[series].levels[0].pages[0]
     desc = page.description or ""
     if tf.is_svs:
         m = _MPP_RE.search(desc)
         if m:
             return _positive(m.group(1))
     if tf.is_ome and tf.ome_metadata:
-        v = _ome_pixel_size_um(tf.ome_metadata)
+        v = _ome_pixel_size_um(tf.ome_metadata, series)
         if v:
             return v
     tags = page.tags
@@ -368,13 +371,24 @@ def tiff_pixel_size_um(tf: Any) -> float | None:
     return None
 
 
-def _ome_pixel_size_um(xml: str) -> float | None:
-    m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
-    if not m:
+def _ome_pixel_size_um(xml: str, image: int = 0) -> float | None:
+    """``PhysicalSizeX`` (in µm) of the ``image``-th OME ``Image``'s ``Pixels``, or None.
+
+    OME-XML declares no entities: a document that does is not parsed (entity expansion)."""
+    if "<!ENTITY" in xml:
         return None
-    value = _positive(m.group(1))
-    u = re.search(r'PhysicalSizeXUnit="([^"]+)"', xml)
-    unit = u.group(1) if u else "µm"
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    images = [e for e in root if e.tag.rsplit("}", 1)[-1] == "Image"]
+    if image >= len(images):
+        return None
+    pixels = next((e for e in images[image] if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    value = _positive(pixels.attrib["PhysicalSizeX"])
+    unit = pixels.attrib.get("PhysicalSizeXUnit", "µm")
     factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
     if value is None or unit not in factor:
         return None
