@@ -242,3 +242,38 @@ def test_ingested_levels_map_back_to_level0_positions(tmp_path: Path) -> None:
             assert d == 2.0**k
             assert abs((x + 0.5) * d - 0.5 - 880.0) < 0.6, k
             assert abs((y + 0.5) * d - 0.5 - 900.0) < 0.6, k
+
+
+def test_label_levels_are_the_2x2_mode_centred_like_image_levels(tmp_path: Path) -> None:
+    """Label levels took every second pixel: level-k pixel u sat on level-0 pixel u 2^k,
+    (2^k - 1) / 2 px (3.5, 7.5, 15.5 px at levels 3, 4, 5) off the image levels' centres;
+    the mode is off by 0.3, 0.9, 4.1 px there (a disk of 9 pixels at level 5)."""
+    import itertools
+    from collections import Counter
+
+    import dask.array as da
+
+    from wsireg_flow.io.omezarr import mode2_cyx, write_ngff_pyramid
+    from wsireg_flow.io.slide import open_slide
+
+    for values in itertools.product(range(4), repeat=4):  # every 2x2 block of 4 labels
+        count = Counter(values)
+        most = [v for v in values if count[v] == max(count.values())]
+        # ties: the first in reading order, or the last in every other block (checkerboard)
+        a, b, d, e = values  # the same 2x2 block twice, side by side
+        block = np.array([[[a, b, a, b], [d, e, d, e]]], np.uint8)
+        assert mode2_cyx(block)[0, 0].tolist() == [most[0], most[-1]], values
+    assert mode2_cyx(np.arange(15, dtype=np.uint8).reshape(1, 3, 5)).shape == (1, 2, 3)
+
+    yy, xx = np.mgrid[0:1025, 0:1025]
+    disk = ((xx - 880.0) ** 2 + (yy - 900.0) ** 2 < 60.0**2).astype(np.uint8) * 7
+    src = da.from_array(disk[..., None], chunks=(512, 512, 1))
+    path = write_ngff_pyramid(src, tmp_path / "labels.zarr", max_side=40, labels=True)
+    with open_slide(path) as s:
+        for k in range(1, len(s.levels)):
+            lv = s.read_region(k, 0, 0, *s.shapes[k][:2])[..., 0]
+            assert set(np.unique(lv).tolist()) == {0, 7}, k
+            v, u = np.nonzero(lv)
+            d = s.downsamples[k]
+            assert abs((u.mean() + 0.5) * d - 0.5 - 880.0) < 0.15 * d + 0.5, k
+            assert abs((v.mean() + 0.5) * d - 0.5 - 900.0) < 0.15 * d + 0.5, k

@@ -98,7 +98,7 @@ def ngff_multiscales(
             {"name": "x", **space},
         ],
         "datasets": datasets,
-        "type": "nearest (every second pixel)" if labels else "2x2 box average (cv2.INTER_AREA)",
+        "type": "nearest (2x2 mode)" if labels else "2x2 box average (cv2.INTER_AREA)",
     }
 
 
@@ -164,8 +164,9 @@ def write_ngff_pyramid(
 ) -> Path:
     """Write a (y, x, c) dask array as an NGFF 0.4 (c, y, x) pyramid, chunk by chunk.
 
-    With ``labels`` coarser levels take every second pixel (nearest neighbour) instead of the
-    2x2 average, so a label mask keeps only its own values at every level.
+    With ``labels`` coarser levels take the most frequent value of each 2x2 block
+    (:func:`mode2_cyx`) instead of the average, so a label mask keeps only its own values at
+    every level, centred like the image levels.
 
     Level 0 is computed from ``level0`` one output chunk at a time (Dask's threaded scheduler);
     each coarser level is read back from the level just written and halved with a 2x2 box
@@ -204,7 +205,7 @@ def write_ngff_pyramid(
         for k in range(1, len(shapes)):
             prev = da.from_array(arrays[k - 1], chunks=(c, 2 * chunk, 2 * chunk), lock=False)
             down = prev.map_blocks(
-                _nearest2_cyx if labels else downsample2_cyx,
+                mode2_cyx if labels else downsample2_cyx,
                 chunks=(
                     (c,),
                     tuple((n + 1) // 2 for n in prev.chunks[1]),
@@ -239,9 +240,31 @@ def is_label_pyramid(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _nearest2_cyx(block: np.ndarray) -> np.ndarray:
-    """Every second pixel of a (c, y, x) block (label pyramids)."""
-    return np.ascontiguousarray(block[:, ::2, ::2])
+def mode2_cyx(block: np.ndarray) -> np.ndarray:
+    """The most frequent value of each 2x2 block of a (c, y, x) block (label pyramids); odd
+    sizes are padded by edge replication, as the image levels are.
+
+    Ties (2 + 2 at a boundary, or four different values) go to the first of the block in
+    reading order in half the blocks and to the last in the others, in a checkerboard, so that
+    no direction is favoured: taking every second pixel, or always the first, would shift
+    each level towards the top left (every second pixel centres level-k pixel u on level-0
+    pixel u 2^k, (2^k - 1) / 2 px off the image levels' (u + 0.5) 2^k - 0.5).
+    """
+    _, h, w = block.shape
+    if h % 2 or w % 2:
+        block = np.pad(block, [(0, 0), (0, h % 2), (0, w % 2)], mode="edge")
+    q = [block[:, 0::2, 0::2], block[:, 0::2, 1::2], block[:, 1::2, 0::2], block[:, 1::2, 1::2]]
+    n = [sum((x == y).astype(np.uint8) for y in q) for x in q]  # each value's count, >= 1
+    top = np.maximum(np.maximum(n[0], n[1]), np.maximum(n[2], n[3]))
+
+    def first(order: list[int]) -> np.ndarray:
+        out = q[order[-1]]
+        for i in reversed(order[:-1]):
+            out = np.where(n[i] == top, q[i], out)
+        return out
+
+    by, bx = np.indices(top.shape[1:])
+    return np.where((by + bx) % 2 == 0, first([0, 1, 2, 3]), first([3, 2, 1, 0]))
 
 
 def _store(src: da.Array, target: zarr.Array, progress: ProgressFn | None, stage: str) -> None:
