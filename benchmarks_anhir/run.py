@@ -66,7 +66,7 @@ class PairOutcome:
 
     index: str
     ok: bool
-    minutes: float
+    minutes: float | None  # wall clock; None when unknown (a lost worker)
     warped_source: str = ""
     warped_target: str = ""
     reason: str = ""
@@ -139,7 +139,7 @@ def collect_outcomes(
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-            outcomes[p.index] = PairOutcome(p.index, False, 0.0, reason=reason)
+            outcomes[p.index] = PairOutcome(p.index, False, None, reason=reason)
         if progress:
             progress("ANHIR pairs", k + 1, len(submitted))
     return outcomes
@@ -176,13 +176,18 @@ def computer_performances() -> dict[str, Any]:
 
 # -- scoring from the written files ------------------------------------------------------------
 def score_submission(
-    submission: Path, root: Path, unscorable: dict[str, str] | None = None
+    submission: Path,
+    root: Path,
+    unscorable: dict[str, str] | None = None,
+    unreadable: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every pair of ``submission/registration-results.csv`` that has target landmarks.
 
-    A pair without a warped-source file (failed) counts as unregistered: initial error, R = 0.
-    A pair whose reference landmarks cannot be read, or whose diagonal is neither in the table
-    nor readable from its target image, cannot be scored at all: it is left out and its reason
+    A pair without a warped-source file (failed), or whose warped file cannot be read (missing,
+    no rows, non-finite values), counts as unregistered: initial error, R = 0; ``unreadable``
+    (index -> reason) records the second case when a dict is given. A pair whose reference
+    landmarks cannot be read or hold NaN, or whose diagonal is neither in the table nor
+    readable from its target image, cannot be scored at all: it is left out and its reason
     recorded in ``unscorable`` (index -> reason) when a dict is given.
     """
     rows = []
@@ -192,6 +197,10 @@ def score_submission(
         try:
             target = read_landmarks(resolve_path(root, p.target_landmarks))
             source = read_landmarks(resolve_path(root, p.source_landmarks))
+            t, s = paired(target, source)
+            for pts, name in ((t, p.target_landmarks), (s, p.source_landmarks)):
+                if not np.isfinite(pts).all():
+                    raise InputError("holds NaN: no error can be measured against it", name)
             diag = p.image_diagonal or _diagonal_from_image(root, p)
         except InputError as exc:
             if unscorable is None:
@@ -200,8 +209,12 @@ def score_submission(
             continue
         warped = None
         if p.warped_source_landmarks:
-            warped = read_landmarks(resolve_path(submission, p.warped_source_landmarks))
-        t, s = paired(target, source)
+            try:
+                warped = read_landmarks(resolve_path(submission, p.warped_source_landmarks))
+            except InputError as exc:  # scored as unregistered, like a failed pair
+                warped = None
+                if unreadable is not None:
+                    unreadable[p.index] = str(exc)
         sc = score_pair(t, s, warped, diag)
         rows.append(
             {
@@ -353,16 +366,18 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Write the submission folder and the scores; returns the summary."""
     rows_out = []
+    outcomes = {
+        p.index: outcomes.get(p.index) or PairOutcome(p.index, False, None, reason="not run")
+        for p in pairs
+    }  # a pair is never dropped: without an outcome it counts as unregistered
     for p in pairs:
-        o = outcomes.get(p.index)
-        if o is None:
-            continue
+        o = outcomes[p.index]
         rows_out.append(
             replace(
                 p,
                 warped_source_landmarks=o.warped_source if o.ok else "",
                 warped_target_landmarks=o.warped_target if o.ok else "",
-                execution_time_minutes=round(o.minutes, 5),
+                execution_time_minutes=None if o.minutes is None else round(o.minutes, 5),
             )
         )
     write_pair_table(out / "registration-results.csv", rows_out)
@@ -370,16 +385,17 @@ def write_outputs(
     failures = {i: o.reason for i, o in outcomes.items() if not o.ok}
     (out / "failures.json").write_text(json.dumps(failures, indent=2))
     unscorable: dict[str, str] = {}
-    rows = score_submission(out, root, unscorable)
+    unreadable: dict[str, str] = {}
+    rows = score_submission(out, root, unscorable, unreadable)
     for r in rows:
-        r["failure"] = failures.get(r["index"], "")
+        r["failure"] = failures.get(r["index"], unreadable.get(r["index"], ""))
     _write_csv(out / "scores" / "pairs.csv", rows)
     summary: dict[str, Any] = {
         "pairs": 0,
         "failed_pairs": len(failures),
-        "registered_pairs": len(rows_out),
+        "registered_pairs": sum(o.ok for o in outcomes.values()),
     }
-    minutes = [o.minutes for o in outcomes.values()]
+    minutes = [o.minutes for o in outcomes.values() if o.minutes is not None]
     summary["minutes_per_pair"] = float(np.mean(minutes)) if minutes else None
     aggs: list[dict[str, Any]] = []
     if rows:

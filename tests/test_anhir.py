@@ -478,6 +478,38 @@ def test_pair_without_diagonal_or_target_image_is_unscorable_not_fatal(tmp_path:
     assert scored[0]["diagonal"] == pytest.approx(1405.1)
 
 
+def test_unreadable_warped_files_count_as_unregistered_and_nan_references_as_unscorable(
+    tmp_path: Path,
+) -> None:
+    """A missing, header-only or non-finite warped file, or a NaN in the reference landmarks,
+    once aborted the whole scoring. A bad warped file now scores its pair as unregistered
+    (initial error, R = 0); a NaN reference leaves the pair unscorable, with the reason."""
+    from benchmarks_anhir.run import score_submission
+
+    header, rows = _read_table(TABLE)
+    rows = rows[:4]
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "header.csv").write_text(",X,Y\n")
+    (tmp_path / "w" / "inf.csv").write_text(",X,Y\n1,inf,2.0\n")
+    for r, warped in zip(rows[:3], ("w/missing.csv", "w/header.csv", "w/inf.csv"), strict=True):
+        r["Warped source landmarks"] = warped
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    nan_file = data / rows[3]["Source landmarks"]  # He: no other of these pairs uses it
+    lines = nan_file.read_text().splitlines()
+    lines[2] = "2,,"
+    nan_file.write_text("\n".join(lines) + "\n")
+    _write_table(tmp_path / "registration-results.csv", header, rows)
+    unscorable: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
+    scored = score_submission(tmp_path, data, unscorable, unreadable)
+    assert [r["index"] for r in scored] == ["0", "1", "2"]
+    for r in scored:
+        assert r["median_rtre"] == r["initial_median_rtre"] and r["robustness"] == 0.0
+    assert sorted(unreadable) == ["0", "1", "2"]
+    assert list(unscorable) == ["3"] and "holds NaN" in unscorable["3"]
+
+
 # -- evaluation pairs ---------------------------------------------------------------------------
 def test_evaluation_pair_is_registered_but_not_scored(
     broken: dict[str, Any], tmp_path: Path
