@@ -405,3 +405,28 @@ def test_serve_with_a_bad_cron_is_refused_with_one_line(tmp_path: Path) -> None:
     ]
     assert res.stdout == ""
     assert _names(tmp_path / "inbox") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("kind: pair\ntarget: a.jpg\nsource: b.jpg\nlandmarks: [a.csv, b.csv]\n", "'landmarks'"),
+        ("kind: pair\ntarget: a.jpg\nsource: b.jpg\nreference: 1\n", "'reference'"),
+        ("kind: stack\nfolder: case\ntarget_landmarks: a.csv\n", "'target_landmarks'"),
+        ("kind: stack\nfolder: case\nsections: [a.jpg, b.jpg]\n", "not both"),
+    ],
+)
+def test_keys_of_the_other_manifest_kind_are_refused(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    """A pair manifest with stack keys (or the reverse) went to done/ with those keys ignored:
+    `landmarks` on a pair gave no scoring, without a word."""
+    from wsireg_flow.errors import InputError
+    from wsireg_flow.manifest import load_manifest
+
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as exc:
+        load_manifest(path)
+    assert problem in str(exc.value) and "\n" not in str(exc.value)
+    assert str(exc.value).startswith(str(path))

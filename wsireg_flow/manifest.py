@@ -69,7 +69,23 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise InputError("a pair manifest needs 'target' and 'source'", p)
     if m.kind == "stack" and not (m.sections or m.folder):
         raise InputError("a stack manifest needs 'sections' or 'folder'", p)
+    if m.kind == "stack" and m.sections and m.folder:
+        raise InputError("a stack manifest takes 'sections' or 'folder', not both", p)
+    foreign = sorted(k for k in _KIND_KEYS[m.kind] if data.get(k) is not None)
+    if foreign:
+        raise InputError(
+            f"{', '.join(map(repr, foreign))} belong(s) to the other manifest kind, not to a "
+            f"{m.kind} manifest (it would be ignored)",
+            p,
+        )
     return m
+
+
+_KIND_KEYS = {
+    "pair": ("sections", "folder", "reference", "landmarks"),
+    "stack": ("target", "source", "target_landmarks", "source_landmarks"),
+}
+"""Keys of the other kind of manifest, refused rather than silently ignored."""
 
 
 def _explain(error: Any) -> str:
