@@ -311,3 +311,19 @@ def test_jacobian_is_reduced_for_display_keeping_a_single_fold() -> None:
     assert np.argwhere(low <= 0).tolist() == [[1234 // 3, 2000 // 3]]
     same, _, one = block_reduce_for_display(jac[:100, :100], 1024)
     assert one == 1 and np.array_equal(same, jac[:100, :100])
+
+
+def test_confidence_maps_share_a_fixed_scale_with_a_colour_bar(tmp_path: Path) -> None:
+    """Each panel was scaled to its own range: a level whose one tile had confidence 0.43
+    rendered black, like no tile at all."""
+    import cv2
+
+    from wsireg_flow.qc import save_figure
+
+    flat = np.full((40, 40), 0.43)
+    shared = save_figure(tmp_path / "shared.png", [("c", flat)], value_range=(0.0, 1.0))
+    own = save_figure(tmp_path / "own.png", [("c", flat)])
+    gray = {k: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for k, p in (("s", shared), ("o", own))}
+    centre = {k: int(g[g.shape[0] // 2, g.shape[1] // 3]) for k, g in gray.items()}
+    assert centre["o"] < 10  # magma's low end: black
+    assert centre["s"] > 40  # 0.43 on a 0..1 scale: magma's purple

@@ -111,9 +111,13 @@ def save_figure(
     title: str = "",
     points: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
     ncols: int | None = None,
+    value_range: tuple[float, float] | None = None,
+    value_label: str = "",
 ) -> Path:
     """Save panels in a grid (``ncols`` per row, default all in one row);
-    ``points[i]`` = (start (N,2), end (N,2)) arrows in panel px."""
+    ``points[i]`` = (start (N,2), end (N,2)) arrows in panel px. With ``value_range`` (low,
+    high) single-channel panels share that colour scale and show a colour bar labelled
+    ``value_label`` (otherwise each is scaled to its own range: a constant map draws black)."""
     n = len(panels)
     cols = min(n, ncols or n)
     rows = -(-n // cols)
@@ -122,7 +126,16 @@ def save_figure(
         ax.axis("off")
     for i, (name, img) in enumerate(panels):
         ax = axes.ravel()[i]
-        ax.imshow(img, cmap="magma" if img.ndim == 2 else None, interpolation="nearest")
+        lo, hi = value_range if value_range is not None else (None, None)
+        im = ax.imshow(
+            img,
+            cmap="magma" if img.ndim == 2 else None,
+            vmin=lo,
+            vmax=hi,
+            interpolation="nearest",
+        )
+        if value_range is not None and img.ndim == 2:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=value_label)
         ax.set_title(name, fontsize=10)
         ax.axis("off")
         if points and points[i] is not None:
@@ -401,7 +414,14 @@ def qc_figures(
             (f"level {r.target_level} tile confidence", np.nan_to_num(r.confidence_map, nan=0.0))
             for r in reports
         ]
-        paths.append(save_figure(qc_dir / "tile-confidence.png", panels))
+        paths.append(
+            save_figure(
+                qc_dir / "tile-confidence.png",
+                panels,
+                value_range=(0.0, 1.0),
+                value_label="tile confidence (0: no tile or coarse kept)",
+            )
+        )
     if masks is not None:
         paths.append(
             tissue_figure(
