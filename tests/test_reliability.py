@@ -679,16 +679,18 @@ def test_dask_worker_killed_during_nonrigid_stage(batch: dict[str, Any], tmp_pat
         thread = threading.Thread(target=work)
         thread.start()
         victim, victim_keys = None, []
-        while victim is None and thread.is_alive():
-            for addr, keys in client.processing().items():
-                tiles = [k for k in keys if str(k).startswith("register_tile")]
-                if tiles:  # kill the worker running the first tile task
-                    victim = client.scheduler_info()["workers"][addr]["name"]
-                    victim_keys = tiles
-                    os.killpg(procs[victim].pid, signal.SIGKILL)
-                    break
-            time.sleep(0.002)
-        thread.join(timeout=300)
+        try:
+            while victim is None and thread.is_alive():
+                for addr, keys in client.processing().items():
+                    tiles = [k for k in keys if str(k).startswith("register_tile")]
+                    info = client.scheduler_info()["workers"].get(addr)
+                    if tiles and info is not None:  # kill the worker running the first tile
+                        victim, victim_keys = info["name"], tiles
+                        os.killpg(procs[victim].pid, signal.SIGKILL)
+                        break
+                time.sleep(0.002)
+        finally:  # never leave the run going against a cluster being torn down
+            thread.join(timeout=300)
         assert not thread.is_alive()
         assert "error" not in outcome, outcome.get("error")
         assert victim in ("w0", "w1") and len(victim_keys) >= 1
