@@ -132,6 +132,10 @@ class StackJob:
         """Every neighbour pair of the stack (one per section but the reference), in order."""
         return [self.pair_job(k) for k in range(len(self.sections)) if k != self.ref]
 
+    def inputs(self) -> list[Path]:
+        """The stack's input files: its sections, then its landmark files (if any)."""
+        return [*self.sections, *(self.landmarks or [])]
+
     def chain_pairs(self, k: int) -> list[int]:
         """Sections whose pair transforms map the reference frame into section ``k``, in order."""
         out, i = [], k
@@ -204,7 +208,7 @@ def holds_this_stack(job: StackJob) -> bool:
 def check_stack_dir(job: StackJob) -> None:
     """Refuse, before any work, a run directory that is or holds a section or landmark file,
     cannot be written, or that another run is writing now."""
-    check_not_over_inputs(job.run_dir, [*job.sections, *(job.landmarks or [])])
+    check_not_over_inputs(job.run_dir, job.inputs())
     check_writable_dir(job.run_dir)
     check_unlocked(job.run_dir)
 
@@ -215,7 +219,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     :func:`~wsireg_flow.stages.run_dir_lock` held: resuming deletes the temporary outputs an
     interrupted run left."""
     d = job.run_dir
-    check_not_over_inputs(d, [*job.sections, *(job.landmarks or [])])
+    check_not_over_inputs(d, job.inputs())
     desc = _describe(job)
     f = d / "stack.json"
     if holds_results(d):
