@@ -455,6 +455,8 @@ def test_limited_malloc_arenas_let_worker_threads_memory_go_back() -> None:
         free, limited = resident_mb("free"), resident_mb("limit")
         if free >= 60:
             break
+    else:  # glibc gave the threads no heaps of their own: there is nothing to limit here
+        pytest.skip(f"unlimited threads kept only {free:.0f} MB in 3 runs (no per-thread heaps)")
     print(
         f"\nresident after the threads freed their blocks: {free:.0f} MB, limited {limited:.0f} MB"
     )
