@@ -2,8 +2,9 @@
 of interrupted writes, changed settings, output paths that cannot be written.
 
 The signal tests run the command line in its own process session, as a terminal does, and
-send Ctrl-C to the whole session (the temporary Prefect server included) or SIGTERM to the
-command alone.
+send Ctrl-C or SIGTERM to the whole process group (as a terminal, `timeout` or `kill -- -PGID`
+do) or SIGTERM to the command alone. The temporary Prefect server runs in a session of its own,
+so the tests follow the command's descendants, not only its session.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from wsireg_flow.stages import (
     run_dir_lock,
     temp_sibling,
 )
-from wsireg_flow.watchdog import remember, start_time
+from wsireg_flow.watchdog import descendants, remember, start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
@@ -67,12 +68,26 @@ def _alive_in_session(sid: int) -> list[str]:
     return [line for line in ps.stdout.splitlines() if line.strip() and line.split()[0][0] != "Z"]
 
 
+def _running(known: dict[int, int | None]) -> list[str]:
+    """Command lines of the processes of ``known`` (pid -> start time) still running."""
+    alive = []
+    for pid, started in known.items():
+        if started is not None and start_time(pid) == started:
+            ps = subprocess.run(
+                ["ps", "-o", "stat=,args=", "-p", str(pid)], capture_output=True, text=True
+            )
+            if ps.stdout.strip() and ps.stdout.split()[0][0] != "Z":
+                alive.append(ps.stdout.strip())
+    return alive
+
+
 def _interrupt(
     out: Path, how: str, scheduler: str = "threads", after: str = "ingest", wait: float = 1.0
 ) -> tuple[int, str, float, list[str]]:
     """Start ``register`` into ``out``, signal it ``wait`` s after ``out / after`` appears;
     returns the exit status, stderr, seconds from signal to exit, and what still ran in its
-    session (killed afterwards, so that a failing test leaves nothing behind)."""
+    session or of its descendants at the signal (killed afterwards, so that a failing test
+    leaves nothing behind)."""
     log = out.parent / f"{out.name}-stderr.txt"
     with open(log, "w") as err_file:
         p = subprocess.Popen(
@@ -82,15 +97,24 @@ def _interrupt(
             start_new_session=True,
             cwd=ROOT,
         )
+    children: dict[int, int | None] = {}
     try:
         t0 = time.monotonic()
         while not (out / after).exists() and time.monotonic() - t0 < 120:
             time.sleep(0.1)
         assert (out / after).exists(), f"the run never wrote {after}"
         time.sleep(wait)
+        children = {pid: start_time(pid) for pid in descendants(p.pid)}
         sent = time.monotonic()
         if how == "ctrl-c":
             os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+        elif how == "group-term":
+            os.killpg(p.pid, signal.SIGTERM)  # `timeout`, `kill -- -PGID`: the whole group
+        elif how == "service-term":  # systemd's default KillMode, Slurm: every process
+            os.killpg(p.pid, signal.SIGTERM)
+            for pid in children:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
         elif how == "term":
             os.kill(p.pid, signal.SIGTERM)  # a scheduler or `kill`: the command only
         else:
@@ -98,15 +122,19 @@ def _interrupt(
         p.wait(timeout=120)
         took = time.monotonic() - sent
         # SIGKILL: the watchdog notices within its poll interval, then terminates the children
-        settle = time.monotonic() + (1.0 if how != "kill" else 15.0)
+        settle = time.monotonic() + (5.0 if how != "kill" else 15.0)
         while True:
             time.sleep(0.5)
-            alive = _alive_in_session(p.pid)
+            alive = sorted(set(_alive_in_session(p.pid)) | set(_running(children)))
             if not alive or time.monotonic() > settle:
                 return p.returncode, log.read_text(), took, alive
     finally:
         with contextlib.suppress(OSError):
             os.killpg(p.pid, signal.SIGKILL)
+        for pid, started in children.items():
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> None:
@@ -148,6 +176,74 @@ def test_sigterm_stops_the_command_and_its_prefect_server(tmp_path: Path) -> Non
     assert code == 143 and took < 10
     assert "interrupted" in err
     assert alive == []
+
+
+@pytest.mark.parametrize("how", ["group-term", "service-term"])
+def test_sigterm_to_the_process_group_stops_at_once(tmp_path: Path, how: str) -> None:
+    """A SIGTERM to the whole group (`timeout`, `kill -- -PGID`) or to every process of the
+    service (systemd, Slurm) used to stop the temporary Prefect server with the command;
+    Prefect's flow-run handler then retried reporting the crash to it for about 70 s and the
+    command ended with a ConnectError, exit 1. The server now runs in a session of its own and
+    holds a SIGTERM back until the command has exited: the command exits 143 at once."""
+    out = tmp_path / "run"
+    code, err, took, alive = _interrupt(out, how, after="coarse.json", wait=0.5)
+    print(f"\n{how}: exit {code} after {took:.1f} s, still running: {alive}")
+    assert code == 143 and took < 10
+    assert err.strip().splitlines() == [
+        "wsireg-flow: interrupted (run the same command again to resume)"
+    ]
+    assert alive == []
+    r = subprocess.run(_register_cmd(out), capture_output=True, text=True, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "coarse" not in json.loads(r.stdout.strip().splitlines()[-1])["stages_run"]
+
+
+_SERVER_PROBE = """
+import json, os
+from prefect import flow
+from prefect.client.orchestration import get_client
+from flows.server import healthy, prefect_api
+from wsireg_flow.watchdog import descendants, start_time
+
+@flow
+def one() -> int:
+    return 1
+
+with prefect_api() as url:
+    kids = {pid: start_time(pid) for pid in descendants(os.getpid())}
+    one()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    during = {
+        "healthy": healthy(url),
+        "server_sessions": [os.getsid(pid) for pid in kids],
+        "own_session": os.getsid(0),
+        "env": os.environ.get("PREFECT_API_URL"),
+        "runs": [r.state.type.value for r in runs],
+        "children_after_flow": len(descendants(os.getpid())),
+    }
+left = [pid for pid, started in kids.items() if start_time(pid) == started]
+print(json.dumps({"url": url, **during, "after_env": os.environ.get("PREFECT_API_URL"),
+                  "after_healthy": healthy(url), "left": left}))
+"""
+
+
+def test_the_temporary_prefect_server_runs_in_a_session_of_its_own(tmp_path: Path) -> None:
+    """Without PREFECT_API_URL, flows report to one temporary server, started in a new
+    session (so a SIGTERM to the command's group spares it), and stopped afterwards."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    r = subprocess.run(
+        [sys.executable, "-c", _SERVER_PROBE], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["healthy"] and got["env"] == got["url"]
+    assert len(got["server_sessions"]) == 1  # ours; Prefect started none of its own
+    assert got["children_after_flow"] == 1
+    assert got["server_sessions"][0] != got["own_session"]
+    assert got["runs"] == ["COMPLETED"]
+    assert got["after_env"] is None and not got["after_healthy"] and got["left"] == []
 
 
 def test_sigkill_leaves_no_prefect_server_or_workers_behind(tmp_path: Path) -> None:

@@ -145,8 +145,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         ran = dict.fromkeys(PAIR_STAGES, False)
     else:
         from flows.pair import register_pair
+        from flows.server import prefect_api
 
-        ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
+        with prefect_api():
+            ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
     metrics = json.loads((args.out / "metrics.json").read_text())
     quality = registration_quality(metrics)
     summary: dict[str, object] = {
@@ -190,9 +192,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
         metrics = json.loads((args.out / "metrics.json").read_text())
         result: dict[str, Any] = {"ran": {}, "metrics": metrics}
     else:
+        from flows.server import prefect_api
         from flows.stack import register_stack
 
-        result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
+        with prefect_api():
+            result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
     summary = {
         "out": str(args.out),
         "reference": job.name(job.ref),
@@ -224,7 +228,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "settle": args.settle,
     }
     if args.once:
-        summary = process_inbox(**params)
+        from flows.server import prefect_api
+
+        with prefect_api():
+            summary = process_inbox(**params)
         print(json.dumps(summary))
         if summary["failed"]:  # for cron: a failed manifest is an alert (waiting ones are not)
             print(
@@ -255,10 +262,12 @@ def cmd_anhir(args: argparse.Namespace) -> int:
         summary = run_benchmark(*where, status=args.status, limit=args.limit)
     else:
         from flows.anhir import anhir_benchmark
+        from flows.server import prefect_api
 
-        summary = anhir_benchmark(
-            *where, status=args.status, limit=args.limit, echo=_progress(args)
-        )
+        with prefect_api():
+            summary = anhir_benchmark(
+                *where, status=args.status, limit=args.limit, echo=_progress(args)
+            )
     print((args.out / "scores" / "summary.md").read_text())
     print(f"report: {args.out / 'scores' / 'summary.md'}  figures: {args.out / 'figures'}")
     if summary["failed_pairs"]:
