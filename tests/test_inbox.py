@@ -147,27 +147,44 @@ def test_busy_inbox_is_left_alone_and_a_killed_runners_job_resumes(tmp_path: Pat
     assert result["landmarks"]["median_rtre"] < result["landmarks"]["initial_median_rtre"]
 
 
-def test_serve_once_killed_mid_job_resumes_on_the_next_run(tmp_path: Path) -> None:
-    """``kill -9`` of ``serve --once`` during a job: the next run finishes it."""
+@pytest.mark.parametrize("how", ["kill", "service-term"])
+def test_serve_once_killed_mid_job_resumes_on_the_next_run(tmp_path: Path, how: str) -> None:
+    """``kill -9`` of ``serve --once`` during a job, or a SIGTERM to all its processes (a
+    systemd timer's service stopped, its temporary Prefect server included): the job stays in
+    processing/, not in failed/, and the next run finishes it."""
     from prefect.settings import get_current_settings
 
     from flows.inbox import process_inbox
+    from wsireg_flow.watchdog import descendants
 
     root, box, runs = _setup(tmp_path)
     _drop(box, "job.yaml", PAIR)
     env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    if how == "service-term":  # the command starts its own temporary server
+        del env["PREFECT_API_URL"]
     cmd = [sys.executable, "-m", "wsireg_flow.cli", "serve", "--once", "--inbox", str(box)]
     cmd += ["--data-root", str(root), "--runs", str(runs)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         marker = runs / "job" / ".stages" / "ingest_source.json"
         deadline = time.time() + 120
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert marker.exists() and proc.poll() is None, "the job did not get under way"
+        if how == "service-term":
+            children = descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGTERM)
+            for pid in children:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
-        proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert _names(box / "failed") == []
     assert _names(box / "processing") == ["job.yaml"]
     kept = {p.stem for p in (runs / "job" / ".stages").glob("*.json")}
 
