@@ -1,7 +1,7 @@
 """Inbox flow: run every job manifest dropped into a folder once, then file it.
 
-``INBOX/*.yaml`` -> (once it and its inputs have not changed for ``settle`` seconds) claimed into
-``INBOX/processing/`` -> run (pair or stack flow, as a subflow)
+``INBOX/*.yaml`` or ``*.yml`` (suffix in any case) -> (once it and its inputs have not changed
+for ``settle`` seconds) claimed into ``INBOX/processing/`` -> run (pair or stack flow, as a subflow)
 -> moved to ``INBOX/done/`` (with ``<name>.result.json``) or ``INBOX/failed/`` (with
 ``<name>.reason.txt``, one line). Run directories go to ``RUNS/<manifest name>/``. Manifest
 paths are relative to the data root and cannot leave it.
@@ -38,7 +38,8 @@ from wsireg_flow.stages import exclusive_lock, holds_results
 
 SUBDIRS = ("processing", "done", "failed")
 LOCK_NAME = ".inbox.lock"
-FAILED_FILES = (".yaml", ".yml", ".reason.txt", ".traceback.txt")  # failed/NAME<suffix>
+MANIFEST_SUFFIXES = (".yaml", ".yml")  # compared in lower case: JOB.YAML is a manifest too
+REASON_FILES = (".reason.txt", ".traceback.txt")  # failed/NAME<suffix>, beside the manifest
 SETTLE_SECONDS = 30.0  # default: a manifest and its inputs unchanged this long are complete
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -49,6 +50,21 @@ def inbox_lock(box: Path) -> AbstractContextManager[bool]:
     ``box/.inbox.lock``); yields True when this runner holds it, False when another one does
     (then the block must leave the inbox alone)."""
     return exclusive_lock(box / LOCK_NAME)
+
+
+def manifests_in(folder: Path, stem: str | None = None) -> list[Path]:
+    """The manifests in ``folder`` (those named ``stem`` + suffix only, when given), sorted:
+    visible files whose suffix is ``.yaml`` or ``.yml`` in any case."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in MANIFEST_SUFFIXES
+        and not p.name.startswith(".")
+        and (stem is None or p.stem == stem)
+        and p.is_file()
+    )
 
 
 def requeue_stranded(box: Path, logger: Logger) -> list[str]:
@@ -70,7 +86,7 @@ def requeue_stranded(box: Path, logger: Logger) -> list[str]:
         The names of the manifests queued again.
     """
     queued = []
-    for stranded in sorted((box / "processing").glob("*.y*ml")):
+    for stranded in manifests_in(box / "processing"):
         again = box / stranded.name
         if again.exists():
             stranded.unlink()
@@ -206,13 +222,15 @@ def run_and_file(
     )
     done = box / "done" / claimed.name
     os.replace(claimed, done)
-    # earlier attempts under this name are stale now: a failure, and a success under the other
-    # extension (NAME.yml after NAME.yaml; NAME.result.json was just rewritten)
-    for ext in FAILED_FILES:
+    # earlier attempts under this name are stale now: a failure, and a success under another
+    # suffix (NAME.yml after NAME.yaml; NAME.result.json was just rewritten)
+    for ext in REASON_FILES:
         (box / "failed" / f"{claimed.stem}{ext}").unlink(missing_ok=True)
-    for ext in (".yaml", ".yml"):
-        if done.name != f"{claimed.stem}{ext}":
-            (box / "done" / f"{claimed.stem}{ext}").unlink(missing_ok=True)
+    for stale in manifests_in(box / "failed", claimed.stem) + manifests_in(
+        box / "done", claimed.stem
+    ):
+        if stale != done:
+            stale.unlink()
     logger.info("job %s: done", manifest.name)
     return "done"
 
@@ -247,7 +265,7 @@ def process_inbox(
             logger.info("inbox %s is busy: another runner holds %s", box, box / LOCK_NAME)
             return summary
         requeue_stranded(box, logger)
-        for manifest in sorted(box.glob("*.y*ml")):
+        for manifest in manifests_in(box):
             young = unsettled(manifest, root, settle)
             if young:
                 logger.info(

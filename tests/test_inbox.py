@@ -345,10 +345,14 @@ def test_success_after_a_failure_removes_the_failure_files(tmp_path: Path) -> No
     from flows.inbox import process_inbox
 
     root, box, runs = _setup(tmp_path)
-    _drop(box, "job.yaml", PAIR.replace(f"case/{TARGET.name}", "case/typo.jpg"))
+    # an upper-case suffix (as Windows tools write it) is a manifest; hidden files and other
+    # names are not (a "*.y*ml" pattern took notes.y.html and missed JOB.YAML)
+    _drop(box, "job.YAML", PAIR.replace(f"case/{TARGET.name}", "case/typo.jpg"))
+    _drop(box, ".job.yaml", PAIR)
+    _drop(box, "notes.y.html", "<p>not a manifest</p>")
     summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
-    assert summary["failed"] == ["job.yaml"]
-    assert _names(box / "failed") == ["job.reason.txt", "job.traceback.txt", "job.yaml"]
+    assert summary["failed"] == ["job.YAML"]
+    assert _names(box / "failed") == ["job.YAML", "job.reason.txt", "job.traceback.txt"]
 
     _drop(box, "job.yml", PAIR)  # corrected (under the other extension)
     summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
@@ -356,6 +360,7 @@ def test_success_after_a_failure_removes_the_failure_files(tmp_path: Path) -> No
     assert summary == {"done": ["job.yml"], "failed": [], "waiting": []}
     assert _names(box / "failed") == []
     assert _names(box / "done") == ["job.result.json", "job.yml"]
+    assert {".job.yaml", "notes.y.html"} <= set(_names(box))
 
 
 # -- 5. `serve --once` exit status ----------------------------------------------------------------
