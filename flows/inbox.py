@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import traceback
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from prefect import flow, get_run_logger
 from prefect.client.schemas.schedules import CronSchedule
@@ -50,6 +51,31 @@ def inbox_lock(box: Path) -> AbstractContextManager[bool]:
     ``box/.inbox.lock``); yields True when this runner holds it, False when another one does
     (then the block must leave the inbox alone)."""
     return exclusive_lock(box / LOCK_NAME)
+
+
+class OneLineFormatter(logging.Formatter):
+    """``wsireg-flow: warning: MESSAGE``, as the command line's other messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"wsireg-flow: {record.levelname.lower()}: {record.getMessage()}"
+
+
+@contextmanager
+def warnings_to(stream: TextIO) -> Iterator[None]:
+    """Write the inbox flow's own warnings and errors to ``stream`` (one line each, prefixed
+    ``wsireg-flow: warning:``) while the block runs: a busy inbox, a requeued or replaced job,
+    a failed job's reason. Other flow-run messages (Prefect's own, the subflows') stay in the
+    flow log."""
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(lambda record: record.pathname == __file__)
+    handler.setFormatter(OneLineFormatter())
+    target = logging.getLogger("prefect.flow_runs")
+    target.addHandler(handler)
+    try:
+        yield
+    finally:
+        target.removeHandler(handler)
 
 
 def manifests_in(folder: Path, stem: str | None = None) -> list[Path]:
@@ -262,7 +288,7 @@ def process_inbox(
     summary: dict[str, list[str]] = {"done": [], "failed": [], "waiting": []}
     with inbox_lock(box) as held:
         if not held:
-            logger.info("inbox %s is busy: another runner holds %s", box, box / LOCK_NAME)
+            logger.warning("inbox %s is busy: another runner holds %s", box, box / LOCK_NAME)
             return summary
         requeue_stranded(box, logger)
         for manifest in manifests_in(box):

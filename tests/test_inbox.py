@@ -129,8 +129,12 @@ def test_busy_inbox_is_left_alone_and_a_killed_runners_job_resumes(tmp_path: Pat
 
     holder = _hold_lock(box / LOCK_NAME)  # a live runner
     try:
-        summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
-        assert summary == {"done": [], "failed": [], "waiting": []}
+        code, summary, err = _serve_once(box, root, "--runs", str(runs))
+        assert (code, summary) == (0, {"done": [], "failed": [], "waiting": []})
+        # said on stderr, not only in Prefect's log: nothing else would tell an empty inbox
+        assert err.strip() == (
+            f"wsireg-flow: warning: inbox {box} is busy: another runner holds {box / LOCK_NAME}"
+        )
         assert _names(box / "processing") == ["job.yaml"]
         assert _names(runs / "job" / ".stages") == before
     finally:
@@ -384,9 +388,11 @@ def test_serve_once_exits_1_when_a_manifest_failed(tmp_path: Path) -> None:
     code, summary, err = _serve_once(box, root)
     assert code == 1
     assert summary == {"done": [], "failed": ["bad.yaml"], "waiting": ["young.yaml"]}
-    assert err.strip().splitlines()[-1] == (
-        f"wsireg-flow: 1 manifest(s) failed: see {box / 'failed'}"
-    )
+    reason = (box / "failed" / "bad.reason.txt").read_text().strip().split(": ", 1)[1]
+    assert err.strip().splitlines() == [
+        f"wsireg-flow: error: job bad.yaml: failed: {reason}",
+        f"wsireg-flow: 1 manifest(s) failed: see {box / 'failed'}",
+    ]
 
     code, summary, _ = _serve_once(box, root)  # only a manifest waiting: not a failure
     assert (code, summary) == (0, {"done": [], "failed": [], "waiting": ["young.yaml"]})

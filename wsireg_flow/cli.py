@@ -210,7 +210,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """`wsireg-flow serve`: serve the inbox flow as a Prefect deployment on a cron schedule, or
     run it once (``--once``: exit 1 when a manifest failed)."""
-    from flows.inbox import check_cron, process_inbox, require_server, serve
+    from flows.inbox import check_cron, process_inbox, require_server, serve, warnings_to
 
     if not args.inbox.is_dir():
         raise WsiregError("inbox folder not found", args.inbox)
@@ -230,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.once:
         from flows.server import prefect_api
 
-        with prefect_api():
+        with prefect_api(), warnings_to(sys.stderr):
             summary = process_inbox(**params)
         print(json.dumps(summary))
         if summary["failed"]:  # for cron: a failed manifest is an alert (waiting ones are not)
@@ -243,7 +243,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     require_server()
     print(f"serving inbox {args.inbox} on schedule '{args.cron}' (Ctrl-C to stop)", file=sys.stderr)
-    serve(cron=args.cron, **params)
+    with warnings_to(sys.stderr):
+        serve(cron=args.cron, **params)
     return 0
 
 
