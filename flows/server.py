@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
 
@@ -99,10 +99,14 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, start_new_session=True)
 
 
+# 127.0.0.1 directly, whatever http_proxy says
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def healthy(api_url: str) -> bool:
     """True when the server at ``api_url`` answers its health check."""
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+        with DIRECT.open(f"{api_url}/health", timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -171,15 +175,43 @@ def prefect_api() -> Iterator[str]:
             break
     else:
         raise RuntimeError("the temporary Prefect server found no free port in 5 attempts")
-    os.environ["PREFECT_API_URL"] = api_url
-    refresh_global_settings_context()  # seen by every thread, not only this context
     try:
-        yield api_url
+        with environment(api_environment(api_url, os.environ)):
+            try:
+                yield api_url
+            finally:
+                drain_prefect_workers()
     finally:
-        drain_prefect_workers()
-        del os.environ["PREFECT_API_URL"]
-        refresh_global_settings_context()
         stop_server(process)
+
+
+def api_environment(api_url: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The variables that send Prefect's clients to ``api_url`` on 127.0.0.1 directly: the
+    API URL, and 127.0.0.1 added to ``no_proxy`` / ``NO_PROXY`` (a proxy set for the outside
+    world answered the local API with 403 Forbidden)."""
+    updates = {"PREFECT_API_URL": api_url}
+    for name in ("no_proxy", "NO_PROXY"):
+        hosts = [h for h in env.get(name, "").split(",") if h.strip()]
+        updates[name] = ",".join([*hosts, "127.0.0.1"])
+    return updates
+
+
+@contextmanager
+def environment(updates: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (restored after it), seen by Prefect's
+    settings in every thread and by the child processes started meanwhile."""
+    before = {name: os.environ.get(name) for name in updates}
+    os.environ.update(updates)
+    refresh_global_settings_context()
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        refresh_global_settings_context()
 
 
 if __name__ == "__main__":

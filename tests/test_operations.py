@@ -228,11 +228,19 @@ print(json.dumps({"url": url, **during, "after_env": os.environ.get("PREFECT_API
 """
 
 
-def test_the_temporary_prefect_server_runs_in_a_session_of_its_own(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy", [None, "http://127.0.0.1:9"])
+def test_the_temporary_prefect_server_runs_in_a_session_of_its_own(
+    tmp_path: Path, proxy: str | None
+) -> None:
     """Without PREFECT_API_URL, flows report to one temporary server, started in a new
-    session (so a SIGTERM to the command's group spares it), and stopped afterwards."""
+    session (so a SIGTERM to the command's group spares it), and stopped afterwards. A proxy
+    set for the outside world is not used for it (Prefect's client went through the proxy)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        env.pop(name, None)
+        if proxy is not None and "http" in name:
+            env[name] = proxy
     r = subprocess.run(
         [sys.executable, "-c", _SERVER_PROBE], capture_output=True, text=True, env=env, cwd=ROOT
     )
