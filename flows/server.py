@@ -5,24 +5,30 @@ command's process group. A SIGTERM sent to the whole group (``timeout``, ``kill 
 to every process of a service (systemd's default ``KillMode``, Slurm's ``scancel``) then stops
 the server together with the command, and Prefect's flow-run SIGTERM handler spends about 70 s
 retrying to report the crash to it before the command exits 1. The server started here runs
-in a session of its own and defers a SIGTERM until the command that started it has exited:
-the crash is reported at once, the command's own handler stops its child processes and exits
-143, and the server follows. The command stops it with SIGINT when the block ends.
+in a session of its own, lives exactly as long as the command (it stops once the command has
+gone, however it ended: SIGKILL, SIGHUP...) and holds a SIGTERM back until then: the crash is
+reported at once, the command's own handler stops its child processes and exits 143, and the
+server follows. The command stops it with SIGINT when the block ends. It listens on a socket
+the command bound (no race for the port) and writes its output to a temporary file (not to
+the command's stdout / stderr): a failed start is reported with the error it gave.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
+from typing import IO
 
 import uvicorn
 from prefect.context import refresh_global_settings_context
@@ -34,59 +40,59 @@ from prefect.settings import (
     get_current_settings,
 )
 
-# uvicorn's exit status when the server did not start (its port taken by another process)
-PORT_IN_USE = 3
 APP_FACTORY = "prefect.server.api.server:create_app"
+LOG_TAIL_BYTES = 16384
 
 
 class ParentBoundServer(uvicorn.Server):
-    """A uvicorn server that holds a SIGTERM back while its parent process is alive.
+    """A uvicorn server that lives as long as its parent process and no longer.
 
-    SIGINT stops it as usual; a SIGTERM received while the parent runs takes effect within
-    0.1 s of the parent's exit (checked on each of uvicorn's ticks).
+    It stops once the parent has gone, however the parent ended (checked on each of
+    uvicorn's 0.1 s ticks; Prefect's shutdown then takes about 1 s), and on SIGINT. A SIGTERM
+    that arrives while the parent runs (a signal to every process of a service) is held back
+    until then, so the parent can still report to it.
     """
 
     def __init__(self, config: uvicorn.Config, parent: int) -> None:
         super().__init__(config)
         self.parent = parent
-        self.term_deferred = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and os.getppid() == self.parent:
-            self.term_deferred = True
-            return
+            return  # taken care of by on_tick once the parent has gone
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self.term_deferred and os.getppid() != self.parent:
+        if os.getppid() != self.parent:
             self.should_exit = True
         return await super().on_tick(counter)
 
 
-def serve_api(port: int) -> int:
-    """Serve Prefect's API (no UI) on 127.0.0.1:``port`` until stopped; the exit status
-    (:data:`PORT_IN_USE` when it could not start)."""
-    config = uvicorn.Config(
-        APP_FACTORY, factory=True, host="127.0.0.1", port=port, log_level="error", lifespan="on"
-    )
+def serve_api(fd: int) -> int:
+    """Serve Prefect's API (no UI) on the listening socket ``fd`` until stopped (see
+    :class:`ParentBoundServer`); the exit status (1 when it could not start)."""
+    config = uvicorn.Config(APP_FACTORY, factory=True, log_level="error", lifespan="on")
     server = ParentBoundServer(config, os.getppid())
     try:
-        server.run()
+        server.run(sockets=[socket.socket(fileno=fd)])
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it stopped on: the command's stop
         pass
-    return 0 if server.started else PORT_IN_USE
+    return 0 if server.started else 1
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on at the moment of asking."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def listening_socket() -> socket.socket:
+    """A TCP socket listening on a free port of 127.0.0.1 (bound here and handed to the
+    server process, so no other process can take the port in between)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
-    """Start Prefect's API server (no UI) on 127.0.0.1:``port`` in a new session, as a child
-    bound to this process (:class:`ParentBoundServer`)."""
+def start_server(sock: socket.socket, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start Prefect's API server (no UI) on the listening ``sock`` in a new session, as a
+    child bound to this process (:class:`ParentBoundServer`); its output goes to ``log``
+    (not to the command's stdout / stderr, which a pipe reader waits on)."""
     env = {
         **os.environ,
         **get_current_settings().to_environment_variables(exclude_unset=True),
@@ -95,8 +101,16 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
         "PREFECT__SERVER_FINAL": "1",
     }
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "flows.server", str(port)]
-    return subprocess.Popen(command, env=env, start_new_session=True)
+    env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)  # its errors go to the log
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.server", str(sock.fileno())],  # same number there
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        pass_fds=(sock.fileno(),),
+        start_new_session=True,
+    )
 
 
 # 127.0.0.1 directly, whatever http_proxy says
@@ -121,7 +135,8 @@ def drain_prefect_workers(timeout: float = 10.0) -> None:
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
     """Stop the server with SIGINT (SIGKILL after 5 s) and reap it."""
-    process.send_signal(signal.SIGINT)
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -129,26 +144,33 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def wait_healthy(process: subprocess.Popen[bytes], api_url: str, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for the server to answer; False when it exited with
-    :data:`PORT_IN_USE`.
+def last_error(log: IO[bytes]) -> str:
+    """The most telling line of a failed server's output: its last exception line (e.g.
+    ``sqlite3.OperationalError: unable to open database file``), else its last line."""
+    log.seek(0, os.SEEK_END)
+    log.seek(max(0, log.tell() - LOG_TAIL_BYTES))
+    lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+    return (errors or lines or ["no output"])[-1]
+
+
+def wait_healthy(
+    process: subprocess.Popen[bytes], api_url: str, timeout: float, log: IO[bytes]
+) -> None:
+    """Wait up to ``timeout`` s for the server to answer its health check.
 
     Raises
     ------
     RuntimeError
-        When the server exits otherwise or does not answer in time.
+        When the server exits first (naming its error) or does not answer in time.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = process.poll()
-        if status == PORT_IN_USE:
-            return False
-        if status is not None:
-            raise RuntimeError(f"the temporary Prefect server exited with status {status}")
+        if process.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server did not start: {last_error(log)}")
         if healthy(api_url):
-            return True
+            return
         time.sleep(0.1)
-    stop_server(process)
     raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:g} s")
 
 
@@ -161,39 +183,42 @@ def prefect_api() -> Iterator[str]:
     ------
     str
         The API URL the block's flow runs report to.
+
+    Raises
+    ------
+    RuntimeError
+        When the temporary server does not start (with the reason it gave).
     """
     configured = PREFECT_API_URL.value()
     if configured:
         yield configured
         return
     timeout = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    for _attempt in range(5):
-        port = free_port()
-        api_url = f"http://127.0.0.1:{port}/api"
-        process = start_server(port)
-        if wait_healthy(process, api_url, timeout):
-            break
-    else:
-        raise RuntimeError("the temporary Prefect server found no free port in 5 attempts")
-    try:
-        with environment(api_environment(api_url, os.environ)):
-            try:
-                yield api_url
-            finally:
-                drain_prefect_workers()
-    finally:
-        stop_server(process)
+    with listening_socket() as sock, tempfile.TemporaryFile() as log:
+        api_url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+        process = start_server(sock, log)
+        try:
+            wait_healthy(process, api_url, timeout, log)
+            with environment(api_environment(api_url, os.environ)):
+                try:
+                    yield api_url
+                finally:
+                    drain_prefect_workers()
+        finally:
+            stop_server(process)
 
 
 def api_environment(api_url: str, env: Mapping[str, str]) -> dict[str, str]:
     """The variables that send Prefect's clients to ``api_url`` on 127.0.0.1 directly: the
     API URL, and 127.0.0.1 added to ``no_proxy`` / ``NO_PROXY`` (a proxy set for the outside
     world answered the local API with 403 Forbidden)."""
-    updates = {"PREFECT_API_URL": api_url}
-    for name in ("no_proxy", "NO_PROXY"):
-        hosts = [h for h in env.get(name, "").split(",") if h.strip()]
-        updates[name] = ",".join([*hosts, "127.0.0.1"])
-    return updates
+    hosts: list[str] = []
+    for name in ("no_proxy", "NO_PROXY"):  # either spelling may be the one set: keep both
+        for host in env.get(name, "").split(","):
+            if host.strip() and host.strip() not in hosts:
+                hosts.append(host.strip())
+    direct = ",".join([*hosts, "127.0.0.1"])
+    return {"PREFECT_API_URL": api_url, "no_proxy": direct, "NO_PROXY": direct}
 
 
 @contextmanager

@@ -110,6 +110,10 @@ def _interrupt(
             os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
         elif how == "group-term":
             os.killpg(p.pid, signal.SIGTERM)  # `timeout`, `kill -- -PGID`: the whole group
+        elif how == "group-kill":
+            os.killpg(p.pid, signal.SIGKILL)  # `timeout -s KILL`, `kill -9 -- -PGID`
+        elif how == "group-hup":
+            os.killpg(p.pid, signal.SIGHUP)  # the terminal closed
         elif how == "service-term":  # systemd's default KillMode, Slurm: every process
             os.killpg(p.pid, signal.SIGTERM)
             for pid in children:
@@ -122,7 +126,7 @@ def _interrupt(
         p.wait(timeout=120)
         took = time.monotonic() - sent
         # SIGKILL: the watchdog notices within its poll interval, then terminates the children
-        settle = time.monotonic() + (5.0 if how != "kill" else 15.0)
+        settle = time.monotonic() + (15.0 if how in ("kill", "group-kill", "group-hup") else 5.0)
         while True:
             time.sleep(0.5)
             alive = sorted(set(_alive_in_session(p.pid)) | set(_running(children)))
@@ -221,6 +225,12 @@ with prefect_api() as url:
         "env": os.environ.get("PREFECT_API_URL"),
         "runs": [r.state.type.value for r in runs],
         "children_after_flow": len(descendants(os.getpid())),
+        # a server writing to the command's pipes kept `out=$(wsireg-flow ...)` waiting
+        "shares_output": [
+            os.readlink(f"/proc/{pid}/fd/{fd}") == os.readlink(f"/proc/self/fd/{fd}")
+            for pid in kids
+            for fd in (1, 2)
+        ],
     }
 left = [pid for pid, started in kids.items() if start_time(pid) == started]
 print(json.dumps({"url": url, **during, "after_env": os.environ.get("PREFECT_API_URL"),
@@ -251,7 +261,51 @@ def test_the_temporary_prefect_server_runs_in_a_session_of_its_own(
     assert got["children_after_flow"] == 1
     assert got["server_sessions"][0] != got["own_session"]
     assert got["runs"] == ["COMPLETED"]
+    assert got["shares_output"] == [False, False]
     assert got["after_env"] is None and not got["after_healthy"] and got["left"] == []
+
+
+@pytest.mark.parametrize("how", ["group-kill", "group-hup"])
+def test_a_group_killed_outright_leaves_no_prefect_server_behind(tmp_path: Path, how: str) -> None:
+    """SIGKILL or SIGHUP to the whole group kills the watchdog with the command; the server,
+    in a session of its own, stops by itself once the command has gone (it ran on as an
+    orphan answering its port)."""
+    code, _, _, alive = _interrupt(tmp_path / "run", how, after="coarse.json", wait=0.5)
+    assert code == (-signal.SIGKILL if how == "group-kill" else -signal.SIGHUP)
+    assert alive == []
+
+
+def test_a_prefect_server_that_cannot_start_is_named_in_one_line(tmp_path: Path) -> None:
+    """Its database cannot be opened (a folder in its place): the reason, at once (it was
+    "found no free port in 5 attempts" after 21 s, the cause hidden)."""
+    home = tmp_path / "prefect"
+    (home / "prefect.db").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    out = tmp_path / "run"
+    r = subprocess.run(_register_cmd(out), capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(
+        "wsireg-flow: error: RuntimeError: the temporary Prefect server did not start: "
+    )
+    assert "OperationalError) unable to open database file" in line
+    assert not out.exists()
+
+
+def test_the_temporary_server_is_reached_directly_whichever_no_proxy_is_set() -> None:
+    """Lower-case no_proxy wins over NO_PROXY: setting only it to 127.0.0.1 dropped the
+    user's NO_PROXY hosts for the run."""
+    from flows.server import api_environment
+
+    url = "http://127.0.0.1:5/api"
+    got = api_environment(url, {"NO_PROXY": "intranet.example, .lab"})
+    assert got == {
+        "PREFECT_API_URL": url,
+        "no_proxy": "intranet.example,.lab,127.0.0.1",
+        "NO_PROXY": "intranet.example,.lab,127.0.0.1",
+    }
+    assert api_environment(url, {})["no_proxy"] == "127.0.0.1"
 
 
 def test_sigkill_leaves_no_prefect_server_or_workers_behind(tmp_path: Path) -> None:

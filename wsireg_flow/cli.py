@@ -243,8 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     require_server()
     print(f"serving inbox {args.inbox} on schedule '{args.cron}' (Ctrl-C to stop)", file=sys.stderr)
-    with warnings_to(sys.stderr):
-        serve(cron=args.cron, **params)
+    serve(cron=args.cron, **params)  # runs flows in subprocesses: their messages go to the log
     return 0
 
 
