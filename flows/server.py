@@ -194,9 +194,10 @@ def prefect_api() -> Iterator[str]:
         yield configured
         return
     timeout = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    with listening_socket() as sock, tempfile.TemporaryFile() as log:
-        api_url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
-        process = start_server(sock, log)
+    with tempfile.TemporaryFile() as log:
+        with listening_socket() as sock:  # the server's now: a dead server refuses connections
+            api_url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+            process = start_server(sock, log)
         try:
             wait_healthy(process, api_url, timeout, log)
             with environment(api_environment(api_url, os.environ)):

@@ -159,7 +159,7 @@ def test_serve_once_killed_mid_job_resumes_on_the_next_run(tmp_path: Path, how: 
     from prefect.settings import get_current_settings
 
     from flows.inbox import process_inbox
-    from wsireg_flow.watchdog import descendants
+    from wsireg_flow.watchdog import descendants, remember, signal_alive
 
     root, box, runs = _setup(tmp_path)
     _drop(box, "job.yaml", PAIR)
@@ -178,11 +178,9 @@ def test_serve_once_killed_mid_job_resumes_on_the_next_run(tmp_path: Path, how: 
             time.sleep(0.05)
         assert marker.exists() and proc.poll() is None, "the job did not get under way"
         if how == "service-term":
-            children = descendants(proc.pid)
+            children = remember({}, descendants(proc.pid))
             os.killpg(proc.pid, signal.SIGTERM)
-            for pid in children:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)
+            signal_alive(children, signal.SIGTERM)
             assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
         with contextlib.suppress(OSError):

@@ -34,7 +34,7 @@ from wsireg_flow.stages import (
     run_dir_lock,
     temp_sibling,
 )
-from wsireg_flow.watchdog import descendants, remember, start_time
+from wsireg_flow.watchdog import descendants, remember, signal_alive, start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "data" / "anhir-sample" / "lung-lesion_3" / "scale-5pc"
@@ -68,11 +68,11 @@ def _alive_in_session(sid: int) -> list[str]:
     return [line for line in ps.stdout.splitlines() if line.strip() and line.split()[0][0] != "Z"]
 
 
-def _running(known: dict[int, int | None]) -> list[str]:
+def _running(known: dict[int, int]) -> list[str]:
     """Command lines of the processes of ``known`` (pid -> start time) still running."""
     alive = []
     for pid, started in known.items():
-        if started is not None and start_time(pid) == started:
+        if start_time(pid) == started:
             ps = subprocess.run(
                 ["ps", "-o", "stat=,args=", "-p", str(pid)], capture_output=True, text=True
             )
@@ -97,14 +97,14 @@ def _interrupt(
             start_new_session=True,
             cwd=ROOT,
         )
-    children: dict[int, int | None] = {}
+    children: dict[int, int] = {}
     try:
         t0 = time.monotonic()
         while not (out / after).exists() and time.monotonic() - t0 < 120:
             time.sleep(0.1)
         assert (out / after).exists(), f"the run never wrote {after}"
         time.sleep(wait)
-        children = {pid: start_time(pid) for pid in descendants(p.pid)}
+        children = remember({}, descendants(p.pid))
         sent = time.monotonic()
         if how == "ctrl-c":
             os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
@@ -116,9 +116,7 @@ def _interrupt(
             os.killpg(p.pid, signal.SIGHUP)  # the terminal closed
         elif how == "service-term":  # systemd's default KillMode, Slurm: every process
             os.killpg(p.pid, signal.SIGTERM)
-            for pid in children:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)
+            signal_alive(children, signal.SIGTERM)
         elif how == "term":
             os.kill(p.pid, signal.SIGTERM)  # a scheduler or `kill`: the command only
         else:
@@ -135,10 +133,7 @@ def _interrupt(
     finally:
         with contextlib.suppress(OSError):
             os.killpg(p.pid, signal.SIGKILL)
-        for pid, started in children.items():
-            if started is not None and start_time(pid) == started:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        signal_alive(children, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _signal_alive(known: dict[int, int], signum: int) -> list[int]:
+def signal_alive(known: dict[int, int], signum: int) -> list[int]:
     """Send ``signum`` to the processes of ``known`` (pid -> start time) still alive as the
     same process; returns their pids."""
     alive = []
@@ -133,13 +133,13 @@ def watch(parent: int, poll: float = POLL_SECONDS, grace: float = GRACE_SECONDS)
         time.sleep(poll)
     if group == parent and since is not None:
         known = remember(known, orphans_of_group(group, since, os.getppid(), me))
-    terminated = _signal_alive(known, signal.SIGTERM)
+    terminated = signal_alive(known, signal.SIGTERM)
     deadline = time.monotonic() + grace
     left = {pid: known[pid] for pid in terminated}
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
         left = {pid: s for pid, s in left.items() if start_time(pid) == s}
-    _signal_alive(left, signal.SIGKILL)
+    signal_alive(left, signal.SIGKILL)
     return len(terminated)
 
 
