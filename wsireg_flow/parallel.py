@@ -60,6 +60,10 @@ class LocalClusterOnDemand:
                     memory_limit=self.memory_limit,
                     dashboard_address=None,
                     host="127.0.0.1",
+                    # the scheduler serves HTTP (health, metrics) even without a dashboard,
+                    # on 8787 by default: a second run on the machine warned on stderr that the
+                    # port was taken; any free port on 127.0.0.1 instead
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 )
             self._client = Client(self._cluster)
         return self._client
