@@ -162,6 +162,12 @@ def test_ngff_metadata_validates_with_micrometres(cmu_zarr: Path) -> None:
         assert scale[1] == pytest.approx(0.499 * 2**k, rel=1e-3)
         assert scale[2] == pytest.approx(0.499 * 2**k, rel=1e-3)
     assert ms.datasets[0].coordinateTransformations[0].scale == [1.0, 0.499, 0.499]
+    # a level-k pixel averages 2**k x 2**k level-0 pixels: its centre is (2**k - 1) / 2 level-0
+    # pixels further than scale * index (which put level 1 half a pixel off, level 2 1.5 px)
+    assert len(ms.datasets[0].coordinateTransformations) == 1  # level 0: no translation
+    for k, d in enumerate(ms.datasets[1:], start=1):
+        shift = d.coordinateTransformations[1].translation
+        assert shift == pytest.approx([0.0, 0.499 * (2**k - 1) / 2, 0.499 * (2**k - 1) / 2])
     attrs = zarr.open_group(str(cmu_zarr), mode="r").attrs.asdict()
     assert attrs["wsireg_flow"]["pixel_size_um"] == 0.499
     assert attrs["wsireg_flow"]["complete"] is True
@@ -178,6 +184,8 @@ def test_ngff_metadata_without_pixel_size_is_unitless(tcga_zarr: Path) -> None:
     # the factor each level was made with (level-0 pixels per pixel), not the size ratio
     # (3567 / 1784 = 1.99944 rows)
     assert scales == [[1.0, 2.0**k, 2.0**k] for k in range(len(scales))]
+    shifts = [d.coordinateTransformations[1].translation for d in ms.datasets[1:]]
+    assert shifts == [[0.0, (2.0**k - 1) / 2, (2.0**k - 1) / 2] for k in range(1, len(scales))]
     attrs = zarr.open_group(str(tcga_zarr), mode="r").attrs.asdict()
     assert attrs["wsireg_flow"]["pixel_size_um"] is None
     with open_slide(tcga_zarr) as s:

@@ -38,6 +38,10 @@ def test_ingested_pyramid_opens_with_ome_zarr_reader(cmu_zarr: Path) -> None:
     assert scales[0] == pytest.approx([1.0, 0.499, 0.499])
     # the factor the level was made with (2), not the size ratio (2967 -> 1484 rows: 1.99933)
     assert scales[1] == pytest.approx([1.0, 0.499 * 2.0, 0.499 * 2.0])
+    # the reader keeps each level's translation: level-1 pixel centres on level-0 block centres
+    assert meta["coordinateTransformations"][1][1]["translation"] == pytest.approx(
+        [0.0, 0.499 / 2, 0.499 / 2]
+    )
     ours = open_slide(cmu_zarr).read_region(1, 100, 200, 300, 500)
     theirs = np.moveaxis(np.asarray(data[1][:, 100:300, 200:500]), 0, -1)
     np.testing.assert_array_equal(ours, theirs)

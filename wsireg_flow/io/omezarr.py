@@ -11,7 +11,9 @@ Layout written
   (``io.codec: zstd``) for smaller files.
 * ``coordinateTransformations`` scale per level = (1, s_y, s_x) with s in micrometres per pixel
   when the slide's pixel size is known (axes carry ``unit: micrometer``), otherwise in level-0
-  pixels (no unit).
+  pixels (no unit); levels 1.. add a translation of (d - 1) / 2 level-0 pixels (d = the level's
+  downsample) in the same unit, so that each pixel's centre lands on the centre of the level-0
+  block it averages (NGFF places pixel centres at ``scale * index + translation``).
 * Extra group attribute ``wsireg_flow`` with the source file, pixel size and ``complete: true``.
 
 Writes go to a hidden temporary directory next to the output and are renamed into place only
@@ -77,18 +79,16 @@ def ngff_multiscales(
     if pixel_size_um is not None:
         space["unit"] = "micrometer"
     base = 1.0 if pixel_size_um is None else float(pixel_size_um)
-    datasets = [
-        {
-            "path": str(k),
-            "coordinateTransformations": [
-                {
-                    "type": "scale",
-                    "scale": [1.0, base * downsamples[k][0], base * downsamples[k][1]],
-                }
-            ],
-        }
-        for k in range(n_levels)
-    ]
+    datasets = []
+    for k in range(n_levels):
+        dy, dx = downsamples[k]
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0, base * dy, base * dx]}]
+        if (dy, dx) != (1.0, 1.0):
+            # pixel u of a level made by d x d averaging covers level-0 pixels d*u .. d*u+d-1:
+            # its centre is level-0 pixel d*u + (d-1)/2, not d*u as the scale alone says
+            shift = [0.0, base * (dy - 1) / 2, base * (dx - 1) / 2]
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
     return {
         "version": NGFF_VERSION,
         "name": name,
