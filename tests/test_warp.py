@@ -149,6 +149,57 @@ def test_warp_slide_labels_nearest_keeps_label_values(slides: Slides) -> None:
     np.testing.assert_array_equal(got[:, :, 0], want)
 
 
+@pytest.mark.parametrize(
+    "dtype, values",
+    [
+        ("uint32", (0, 2**31 + 3, 2**32 - 1, 7)),  # instance labels: cv2.remap refused them
+        ("int64", (0, 2**40 + 3, -(2**40), 7)),  # cv2.remap truncated them to int32
+        ("uint64", (0, 2**63 + 5, 2**40, 7)),
+        ("int8", (0, -5, 100, 7)),
+    ],
+)
+def test_warp_slide_labels_of_any_integer_dtype_keep_their_values(
+    slides: Slides, dtype: str, values: tuple[int, ...]
+) -> None:
+    """Nearest warping of wide label values equals the uint8 labels' warp mapped to them."""
+    lut = np.asarray(values, dtype)
+    index = np.searchsorted(LABELS, slides.lab)  # 0..3 per pixel
+    rot = Transform(rotation_about(7.3, (450.0, 350.0), (455.3, 343.6)), None, None, (H, W), (H, W))
+
+    def warped(labels: np.ndarray, name: str) -> Path:
+        path = slides.dir / f"{name}.zarr"
+        write_ngff_pyramid(da.from_array(labels, chunks=(256, 256, 1)), path, chunk=256)
+        out = slides.dir / f"w-{name}.zarr"
+        return warp_slide(rot, open_slide(path), out, nearest=True, max_side=256)
+
+    got, small = (
+        _read0(warped(lut[index], dtype)),
+        _read0(warped(index.astype(np.uint8), dtype + "-u8")),
+    )
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, lut[small])
+    with open_slide(slides.dir / f"w-{dtype}.zarr") as s:  # coarser levels: no new values either
+        assert len(s.shapes) > 1
+        assert set(np.unique(s.read_region(1, 0, 0, H, W)).tolist()) <= set(lut.tolist())
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int32", "uint32", "int64", "float16"])
+def test_warp_chunk_interpolates_dtypes_opencv_cannot(slides: Slides, dtype: str) -> None:
+    """Linear warping of dtypes cv2.remap refuses (int8, int32, uint32, int64, float16) equals
+    the float32 warp, rounded for integers, in the same dtype."""
+    grey = slides.rgb[:, :, :1].astype(np.float32) - (128 if dtype.startswith("int") else 0)
+    rot = Transform(rotation_about(7.3, (450.0, 350.0), (455.3, 343.6)), None, None, (H, W), (H, W))
+    warped = {}
+    for name in (dtype, "float32"):
+        path = slides.dir / f"grey-{dtype}-as-{name}.zarr"
+        write_ngff_pyramid(da.from_array(grey.astype(name), chunks=(256, 256, 1)), path, chunk=256)
+        warped[name] = warp_chunk(rot, str(path), 40, 60, 300, 400, 1, np.dtype(name))
+    got, want = warped[dtype], warped["float32"]
+    assert got.dtype == np.dtype(dtype)
+    tol = 0.5 if dtype != "float16" else 0.2  # rounding; float16 keeps 11 bits of 240
+    assert np.abs(got.astype(np.float64) - want).max() <= tol + 1e-6
+
+
 def test_warp_chunk_with_fields_matches_backward_coords(slides: Slides) -> None:
     """With a residual field the warp samples the source exactly where backward_coords says."""
     gh, gw = H // 4, W // 4

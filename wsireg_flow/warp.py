@@ -66,17 +66,67 @@ def warp_chunk(
     finally:
         if isinstance(source, str):
             src.close()
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     mx -= bx0
     my -= by0
-    # linear: fixed-point maps give the same result (remap quantises to 1/32 px anyway) faster;
-    # nearest keeps float maps so that ties round exactly as documented
-    m1, m2 = (mx, my) if nearest else cv2.convertMaps(mx, my, cv2.CV_16SC2)
+    if nearest:  # float maps, so that ties round as cv2.remap documents
+        for k, plane in enumerate(planes):
+            out[:, :, k] = remap_nearest(plane, mx, my, fill)
+        return out
+    # fixed-point maps give the same result (remap quantises to 1/32 px anyway), faster
+    m1, m2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
     for k, plane in enumerate(planes):
-        out[:, :, k] = cv2.remap(
-            plane, m1, m2, interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
-        )
+        out[:, :, k] = remap_linear(plane, m1, m2, fill)
     return out
+
+
+# dtypes cv2.remap resamples exactly as they are; it refuses uint32, float16 and bool and
+# silently truncates 64-bit integers to int32 (2**40 + 3 came back as 3)
+_REMAP_NEAREST = frozenset(map(np.dtype, ("u1", "i1", "u2", "i2", "i4", "f4", "f8")))
+_REMAP_LINEAR = frozenset(map(np.dtype, ("u1", "u2", "i2", "f4", "f8")))
+
+
+def remap_nearest(plane: np.ndarray, mx: np.ndarray, my: np.ndarray, fill: int) -> np.ndarray:
+    """Nearest-neighbour resampling of a (y, x) plane of any dtype at float32 maps (x, y).
+
+    Values are copied, never converted: where cv2.remap cannot take the dtype, it resamples
+    the flat index of each source pixel (int32: crops stay below 32767 px a side) and the
+    values are gathered from it. Outside the plane: ``fill``.
+    """
+    if plane.dtype in _REMAP_NEAREST:
+        return cv2.remap(
+            plane, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+        )
+    index = np.arange(plane.size, dtype=np.int32).reshape(plane.shape)
+    at = cv2.remap(index, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=-1)
+    out = plane.reshape(-1)[np.maximum(at, 0)]
+    out[at < 0] = fill
+    return out
+
+
+def remap_linear(plane: np.ndarray, m1: np.ndarray, m2: np.ndarray, fill: int) -> np.ndarray:
+    """Bilinear resampling of a (y, x) plane at fixed-point maps (``cv2.convertMaps``).
+
+    Dtypes cv2.remap cannot interpolate go through float64 and come back rounded and clipped
+    to the dtype's range (bool as a 0/1 threshold at one half). Outside the plane: ``fill``.
+    """
+    if plane.dtype in _REMAP_LINEAR:
+        return cv2.remap(
+            plane, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+        )
+    out = cv2.remap(
+        plane.astype(np.float64),
+        m1,
+        m2,
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=fill,
+    )
+    if plane.dtype == np.bool_:
+        return out >= 0.5
+    if np.issubdtype(plane.dtype, np.integer):
+        info = np.iinfo(plane.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(plane.dtype)
 
 
 def warped_level0(
