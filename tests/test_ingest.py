@@ -225,13 +225,22 @@ def test_existing_output_refused_then_replaced(
     assert (out / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.zarr"]
 
+    # a folder wsireg-flow did not write is not replaced, even with --overwrite
+    assert _ingest(CMU, out, "--overwrite") == 2
+    assert "is not a wsireg-flow output (holds keep.txt)" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+    # a pyramid it wrote is
     before = _sha256(CMU)
-    assert _ingest(CMU, out, "--overwrite") == 0
+    mine = tmp_path / "mine.zarr"
+    assert _ingest(TCGA, mine) == 0
+    assert _ingest(CMU, mine, "--overwrite") == 0
     assert _sha256(CMU) == before
-    assert not (out / "keep.txt").exists()
-    assert sorted(zarr.open_group(str(out), mode="r").array_keys()) == ["0", "1", "2"]
+    with open_slide(mine) as s:
+        assert s.shapes[0] == (2967, 2220, 3)
+    assert sorted(zarr.open_group(str(mine), mode="r").array_keys()) == ["0", "1", "2"]
     # nothing left behind: no .partial-* or .old-* siblings
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.zarr", "mine.zarr"]
 
 
 # --------------------------------------------------------------------------- broken inputs (CLI)

@@ -153,3 +153,75 @@ def test_a_reader_that_goes_away_is_not_an_error() -> None:
     err = p.stderr.read()
     assert p.wait(timeout=60) == 0, err
     assert err == ""
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> Path:
+    """A run directory as `register` leaves it: job.json, a transform, a result beside them."""
+    run = tmp_path / "run"
+    shift = np.array([[1.0, 0.0, -5.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # target -> source
+    Transform(shift, None, None, (100, 120), (100, 120)).save(run / "transform")
+    (run / "job.json").write_text("{}")
+    (run / "metrics.json").write_text("{}")
+    return run
+
+
+def test_warp_refuses_an_output_over_its_transform(finished_run: Path, tmp_path: Path) -> None:
+    """`warp RUN/transform IMAGE --out RUN --overwrite` deleted the whole registration run (and
+    `--out RUN/transform` replaced the transform by an image): the transform is an input."""
+    import cv2
+
+    image = tmp_path / "image.png"
+    cv2.imwrite(str(image), np.full((100, 120, 3), 200, np.uint8))
+    before = _digest(finished_run)
+    transform = finished_run / "transform"
+    for out, problem in (
+        (finished_run, "is or holds the input"),
+        (transform, "is or holds the input"),
+        (transform / "warped.zarr", "is inside the input"),
+    ):
+        code, err = _cli(["warp", str(transform), str(image), "--out", str(out), "--overwrite"])
+        _refused(code, err, out, problem)
+    assert _digest(finished_run) == before
+    assert _cli(["warp", str(transform), str(image), "--out", str(tmp_path / "w.zarr")])[0] == 0
+
+
+def test_export_refuses_an_output_inside_its_input_pyramid(inputs: Path, tmp_path: Path) -> None:
+    zarr = tmp_path / "a.zarr"
+    assert _cli(["ingest", str(inputs / "a.jpg"), "--out", str(zarr)])[0] == 0
+    before = _digest(zarr)
+    out = zarr / "a.ome.tif"
+    code, err = _cli(["export", str(zarr), "--out", str(out)])
+    _refused(code, err, out, "is inside the input")
+    assert _digest(zarr) == before
+
+
+def test_overwrite_replaces_only_what_wsireg_flow_wrote(inputs: Path, tmp_path: Path) -> None:
+    """`--overwrite` emptied any existing folder: a user's notes and documents given as --out
+    were deleted without a word, and so was the --config file kept in it."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("important\n")
+    (mine / "sub" / "thesis.docx").write_text("x\n")
+    before = _digest(mine)
+    a, b = str(inputs / "a.jpg"), str(inputs / "b.jpg")
+    for argv in (
+        ["register", a, b, "--out", str(mine)],
+        ["stack", a, b, "--out", str(mine)],
+        ["ingest", a, "--out", str(mine)],
+        ["synth", "--size", "800x800", "--out", str(mine)],
+    ):
+        code, err = _cli([*argv, "--overwrite"])
+        _refused(code, err, mine, "is not a wsireg-flow output (holds notes.txt, sub)")
+    assert _digest(mine) == before
+    # the config is an input too, wherever it is kept
+    config = mine / "my.yaml"
+    config.write_text("nonrigid:\n  levels: 1\n")
+    code, err = _cli(["register", a, b, "--out", str(mine), "--config", str(config), "--overwrite"])
+    _refused(code, err, mine, f"is or holds the input {config}")
+    assert config.is_file()
+    # what wsireg-flow wrote is replaced as before
+    zarr = tmp_path / "a.zarr"
+    for _ in range(2):
+        assert _cli(["ingest", a, "--out", str(zarr), "--overwrite"])[0] == 0
+    assert (zarr / ".zattrs").is_file()

@@ -30,7 +30,7 @@ from wsireg_flow.config import (
     load_config,
 )
 from wsireg_flow.errors import ConfigError, InputError, OutputError, WsiregError, output_error
-from wsireg_flow.stages import check_writable_dir, limit_malloc_arenas
+from wsireg_flow.stages import check_not_over_inputs, check_writable_dir, limit_malloc_arenas
 from wsireg_flow.watchdog import descendants, start_watchdog, stop_watchdog
 
 Handler = Callable[[argparse.Namespace], int]
@@ -58,6 +58,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    if args.config is not None and getattr(args, "out", None) is not None:
+        check_not_over_inputs(args.out, [args.config])  # --overwrite would delete it
     cfg = load_config(args.config)
     if getattr(args, "pixel_size", None) is not None:
         try:
@@ -186,7 +188,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         landmarks = None if landmarks is None else [landmarks[k] for k in order]
     job = StackJob(sections, args.out, cfg, args.reference, landmarks)
     job.validate()
-    check_stack_dir(job)
+    check_stack_dir(job, args.overwrite)
     if not args.overwrite and stack_is_complete(job):
         # a finished stack with unchanged inputs and settings: nothing to orchestrate
         metrics = json.loads((args.out / "metrics.json").read_text())
@@ -298,6 +300,7 @@ def cmd_warp(args: argparse.Namespace) -> int:
     from wsireg_flow.warp import warp_slide
 
     cfg = _config(args)
+    check_not_over_inputs(args.out, [args.transform])  # --overwrite would delete the run
     transform = Transform.load(args.transform)
     forward = args.direction == "source-to-target"
     view = transform if forward else InverseView(transform)

@@ -51,6 +51,7 @@ from wsireg_flow.register import (
 )
 from wsireg_flow.stages import (
     check_not_over_inputs,
+    check_replaceable,
     check_unlocked,
     check_writable_dir,
     drop_stale,
@@ -160,6 +161,8 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     check_not_over_inputs(d, job.inputs())
     check_writable_dir(d)
     check_unlocked(d)
+    if overwrite and holds_results(d):
+        check_replaceable(d)
     if not overwrite and holds_results(d) and not holds_this_job(job):
         raise WsiregError(
             "run directory exists and holds other results (use --overwrite to replace it)", d
@@ -183,6 +186,7 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
                 "run directory exists and holds other results (use --overwrite to replace it)", d
             )
         if overwrite:
+            check_replaceable(d)
             empty_run_dir(d)
         else:
             remove_partials(d)

@@ -37,6 +37,7 @@ from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, overlay, preview, registration_quality, save_figure
 from wsireg_flow.stages import (
     check_not_over_inputs,
+    check_replaceable,
     check_unlocked,
     check_writable_dir,
     empty_run_dir,
@@ -205,12 +206,15 @@ def holds_this_stack(job: StackJob) -> bool:
     return all(old.get(k) == v for k, v in _describe(job).items())
 
 
-def check_stack_dir(job: StackJob) -> None:
+def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     """Refuse, before any work, a run directory that is or holds a section or landmark file,
-    cannot be written, or that another run is writing now."""
+    cannot be written, that another run is writing now, or (with ``overwrite``) that is not a
+    wsireg-flow output."""
     check_not_over_inputs(job.run_dir, job.inputs())
     check_writable_dir(job.run_dir)
     check_unlocked(job.run_dir)
+    if overwrite:
+        check_replaceable(job.run_dir)
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -227,6 +231,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
         if not same and not overwrite:
             raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
         if overwrite:
+            check_replaceable(d)
             empty_run_dir(d)
         else:
             remove_partials(d)

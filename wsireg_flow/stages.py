@@ -111,9 +111,9 @@ def check_writable_dir(path: Path) -> None:
 def check_not_over_inputs(
     out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]
 ) -> None:
-    """Refuse an output that is one of ``inputs`` or a directory holding one (symlinks
-    followed): writing it, and replacing or emptying it with ``--overwrite``, would destroy
-    the input.
+    """Refuse an output that is one of ``inputs``, a directory holding one, or a path inside
+    an input directory (an OME-Zarr pyramid, a run's transform folder), symlinks followed:
+    writing it, and replacing or emptying it with ``--overwrite``, would destroy the input.
 
     Raises
     ------
@@ -127,6 +127,52 @@ def check_not_over_inputs(
         q = Path(p).resolve()
         if q == o or o in q.parents:
             raise WsiregError(f"is or holds the input {p}: choose another output", out)
+        if q in o.parents and q.is_dir():
+            raise WsiregError(f"is inside the input {p}: choose another output", out)
+
+
+# what every wsireg-flow output directory holds from its start: a pair run's job.json, a
+# stack's stack.json, stage markers, a synthetic pair's synth.json (or its work folder)
+_OUTPUT_MARKERS = frozenset({"job.json", "stack.json", MARKER_DIR, "synth.json", ".work"})
+
+
+def is_wsireg_output(path: Path) -> bool:
+    """Whether ``path`` may be replaced by ``--overwrite``: missing, an empty directory (a lock
+    file aside), a run or synthetic-pair directory, or an OME-Zarr pyramid this package wrote
+    (its ``.zattrs`` carry a ``wsireg_flow`` entry)."""
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()} - {LOCK_NAME}
+    if not names or names & _OUTPUT_MARKERS:
+        return True
+    try:
+        return "wsireg_flow" in json.loads((path / ".zattrs").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> None:
+    """Refuse to let ``--overwrite`` empty or replace a directory that is not a wsireg-flow
+    output (a user's folder, another tool's pyramid): it would delete files this package did
+    not write.
+
+    Raises
+    ------
+    WsiregError
+        Naming the directory and a few of the entries it holds.
+    """
+    p = Path(path)
+    if is_wsireg_output(p):
+        return
+    held = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
+    shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    raise WsiregError(
+        f"is not a wsireg-flow output (holds {shown}): --overwrite replaces only what "
+        "wsireg-flow wrote; choose another output or empty it yourself",
+        p,
+    )
 
 
 def check_file_output(
