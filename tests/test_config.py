@@ -168,12 +168,17 @@ def test_two_errors_are_both_named(tmp_path: Path) -> None:
         ("rigid: 5\n", "'rigid'", "valid dictionary"),
         ("nonrigid:\n  levels: 0\n", "'nonrigid.levels'", "greater than or equal to 1"),
         ("nonrigid:\n  levels: 7\n", "'nonrigid.levels'", "less than or equal to 6"),
+        # passed validation, then failed the run after three stages: "ValueError: Could not
+        # interpret 'lots' as a byte unit", naming neither key nor file
+        ("dask:\n  memory_limit: lots\n", "'dask.memory_limit'", "'auto' or a size"),
+        ("dask:\n  memory_limit: 0GB\n", "'dask.memory_limit'", "'auto' or a size"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
     msg = _config_error(_write(tmp_path, text))
     assert key in msg
     assert problem in msg
+    assert "Value error" not in msg  # pydantic's prefix of a validator's message
 
 
 def test_scale_min_not_below_scale_max(tmp_path: Path) -> None:

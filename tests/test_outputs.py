@@ -225,3 +225,24 @@ def test_overwrite_replaces_only_what_wsireg_flow_wrote(inputs: Path, tmp_path: 
     for _ in range(2):
         assert _cli(["ingest", a, "--out", str(zarr), "--overwrite"])[0] == 0
     assert (zarr / ".zattrs").is_file()
+
+
+def test_an_output_under_a_broken_link_or_a_file_is_refused_before_any_work(
+    inputs: Path, tmp_path: Path
+) -> None:
+    """An --out under a dangling symbolic link (a share that is not mounted) ended in
+    "FileExistsError" (exit 1; for ingest blamed on the input slide, after Prefect started for
+    register); under a file, ingest said the input could not be read."""
+    link = tmp_path / "share"
+    link.symlink_to(tmp_path / "not-mounted")
+    a, b = str(inputs / "a.jpg"), str(inputs / "b.jpg")
+    afile = inputs / "notes.txt"
+    for parent, problem in ((link, "a broken symbolic link"), (afile, "not a directory")):
+        for argv in (
+            ["register", a, b, "--out", str(parent / "run")],
+            ["ingest", a, "--out", str(parent / "a.zarr")],
+            ["synth", "--size", "800x800", "--out", str(parent / "synth")],
+        ):
+            code, err = _cli(argv)
+            _refused(code, err, parent / argv[argv.index("--out") + 1].rsplit("/", 1)[1], problem)
+    assert not (tmp_path / "not-mounted").exists()

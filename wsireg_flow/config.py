@@ -199,6 +199,21 @@ class DaskConfig(_Section):
         "divided among the workers; or e.g. '4GB').",
     )
 
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit_bytes(cls, value: str) -> str:
+        from dask.utils import parse_bytes
+
+        if value == "auto":
+            return value
+        try:
+            size = parse_bytes(value)
+        except (ValueError, TypeError):
+            size = 0
+        if size <= 0:
+            raise ValueError("must be 'auto' or a size such as '4GB'")
+        return value
+
 
 class Config(_Section):
     """All settings of a run."""
@@ -219,7 +234,8 @@ def _format_errors(exc: ValidationError) -> str:
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            parts.append(f"{key!r}: {err['msg']}{shown}")
+            msg = err["msg"].removeprefix("Value error, ")  # pydantic's wrapping of ValueError
+            parts.append(f"{key!r}: {msg}{shown}")
     return "; ".join(parts)
 
 

@@ -100,8 +100,14 @@ def check_writable_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise WsiregError("exists and is not a directory", path)
     existing = path
-    while not existing.exists() and existing != existing.parent:
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():  # e.g. a share that is not mounted
+        raise WsiregError(
+            f"cannot create a directory under {existing}: a broken symbolic link "
+            f"(to {os.readlink(existing)})",
+            path,
+        )
     if not existing.is_dir():
         raise WsiregError(f"cannot create a directory under {existing}: not a directory", path)
     if not os.access(existing, os.W_OK | os.X_OK):

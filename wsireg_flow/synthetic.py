@@ -38,7 +38,7 @@ from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.landmarks import Pair, image_diagonal, write_landmarks, write_pair_table
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.stages import check_replaceable
+from wsireg_flow.stages import check_replaceable, check_writable_dir
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
 
@@ -214,6 +214,7 @@ def synthesize_pair(
             f"size {h}x{w} leaves no room for landmarks: each side must be at least {min_side} px"
         )
     d = Path(out)
+    check_writable_dir(d)
     if d.exists() and any(d.iterdir()):
         if not overwrite:
             raise WsiregError("output exists (use --overwrite to replace it)", d)

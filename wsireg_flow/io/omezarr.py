@@ -43,7 +43,12 @@ from wsireg_flow.io.slide import Slide, _YXCView
 from wsireg_flow.io.zarrchunks import ChunkedV2Array
 from wsireg_flow.progress import DaskProgress, ProgressFn
 from wsireg_flow.pyramid import downsample2_cyx, pyramid_shapes
-from wsireg_flow.stages import check_not_over_inputs, check_replaceable, temp_sibling
+from wsireg_flow.stages import (
+    check_not_over_inputs,
+    check_replaceable,
+    check_writable_dir,
+    temp_sibling,
+)
 
 NGFF_VERSION = "0.4"
 
@@ -184,6 +189,7 @@ def write_ngff_pyramid(
     h, w, c = (int(s) for s in level0.shape)
     shapes = pyramid_shapes(h, w, max_side)
     downsamples = [(2.0**k, 2.0**k) for k in range(len(shapes))]  # exact, whatever the sizes
+    check_writable_dir(out)
     if overwrite:
         check_replaceable(out)  # replace a pyramid, never a user's folder
     with atomic_directory(out, overwrite) as tmp:
