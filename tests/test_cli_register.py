@@ -25,6 +25,7 @@ from wsireg_flow.cli import main
 from wsireg_flow.geometry import corner_origin
 from wsireg_flow.io.slide import open_slide
 from wsireg_flow.landmarks import read_landmarks, write_landmarks
+from wsireg_flow.qc import quality_warnings
 from wsireg_flow.rigid import ncc
 from wsireg_flow.tissue import intensity_stats, normalized_intensity, optical_density, tissue_mask
 from wsireg_flow.transform import Transform
@@ -228,6 +229,26 @@ def test_source_at_another_scale_without_pixel_size_registers(
     print(f"\nsource x{factor:g}: {scaled['rigid']['method']}, median rTRE {med:.5f}")
     assert scaled["rigid"]["scale"] == pytest.approx(factor, rel=0.03)
     assert med == pytest.approx(med0, abs=0.001)
+
+
+def test_a_scale_beyond_the_plausible_range_is_named(
+    run: dict[str, object], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source scanned at 0.3x the target's resolution, no pixel size stated: outside
+    [scale_min, scale_max] no scale search can find it. The command used to print only
+    "tiles_ok 0/6" (exit 0, the source pasted in the wrong place); it now says why and what
+    to do, on stderr. A good pair gets no such warning."""
+    source, source_lm = _scaled_source(tmp_path / "in", 0.3)
+    with contextlib.redirect_stdout(io.StringIO()), caplog.at_level("WARNING"):
+        assert main([*_args(tmp_path / "run", source, source_lm), "--quiet"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "wsireg_flow.cli"]
+    print("\n" + "\n".join(said))
+    assert len(said) == 2
+    assert said[0].startswith(f"{tmp_path / 'run'}: the tissue areas imply a scale of 0.3")
+    assert "state their pixel sizes (ingest --pixel-size)" in said[0]
+    assert "no tile on tissue registered at any level" in said[1]
+    good = json.loads((Path(run["dir"]) / "metrics.json").read_text())  # type: ignore[arg-type]
+    assert quality_warnings(good) == []
 
 
 def _as_tiff(src: Path, out: Path, kind: str) -> Path:

@@ -332,6 +332,27 @@ def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def quality_warnings(metrics: dict[str, Any]) -> list[str]:
+    """What a user should hear about a finished pair, from its ``metrics.json`` dict: a tissue
+    scale outside the plausible range (a resolution mismatch no pixel size states), and no
+    tile on tissue registered at any level (the result is the coarse alignment alone)."""
+    from wsireg_flow.rigid import SCALE_NOTE
+
+    found = [n for n in metrics.get("rigid", {}).get("notes", []) if n.startswith(SCALE_NOTE)]
+    statuses: dict[str, int] = {}
+    for lv in metrics.get("levels", []):
+        for status, n in lv.get("statuses", {}).items():
+            statuses[status] = statuses.get(status, 0) + n
+    on_tissue = sum(n for s, n in statuses.items() if s != "no tissue")
+    if on_tissue and not statuses.get("ok"):
+        shown = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+        found.append(
+            f"no tile on tissue registered at any level ({shown}): the result is the coarse "
+            "alignment alone; look at qc/overlay.png"
+        )
+    return found
+
+
 def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, object]]:
     """The metrics table of the QC page, from ``metrics.json`` content."""
     rigid = metrics.get("rigid", {})

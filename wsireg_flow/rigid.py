@@ -213,6 +213,19 @@ def _spread(mask: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(np.sort(np.linalg.eigvalsh(cov)), 0.0, None))
 
 
+def tissue_area_scale(
+    target_mask: np.ndarray | None, source_mask: np.ndarray | None
+) -> float | None:
+    """``sqrt(source tissue px / target tissue px)``: the target->source scale the tissue areas
+    imply (None without both masks or with almost no tissue)."""
+    if target_mask is None or source_mask is None:
+        return None
+    area_t, area_s = float(np.count_nonzero(target_mask)), float(np.count_nonzero(source_mask))
+    if area_t < 16 or area_s < 16:
+        return None
+    return float(np.sqrt(area_s / area_t))
+
+
 def tissue_scale(
     target_mask: np.ndarray | None,
     source_mask: np.ndarray | None,
@@ -231,14 +244,12 @@ def tissue_scale(
     pixel size when the slides state theirs), or when it lies outside
     ``[cfg.scale_min, cfg.scale_max]``.
     """
-    if target_mask is None or source_mask is None:
+    scale = tissue_area_scale(target_mask, source_mask)
+    if scale is None:
         return None
-    area_t, area_s = float(np.count_nonzero(target_mask)), float(np.count_nonzero(source_mask))
-    if area_t < 16 or area_s < 16:
-        return None
-    scale = float(np.sqrt(area_s / area_t))
     if abs(np.log(scale)) < np.log(min_ratio) or not cfg.scale_min <= scale <= cfg.scale_max:
         return None
+    assert target_mask is not None and source_mask is not None
     spread_t, spread_s = _spread(target_mask), _spread(source_mask)
     if np.any(spread_t <= 0):
         return None
@@ -405,6 +416,9 @@ def selection_score(
     return score
 
 
+SCALE_NOTE = "the tissue areas imply a scale of"
+
+
 def _rotated(matrix: np.ndarray) -> float:
     return float(abs(decompose(matrix)["rotation_deg"]) > 20.0)
 
@@ -428,6 +442,13 @@ def coarse_alignment(
     """
     candidates: list[RigidResult] = []
     notes: list[str] = []
+    implied = tissue_area_scale(target_mask, source_mask)
+    if implied is not None and not cfg.scale_min <= implied <= cfg.scale_max:
+        notes.append(
+            f"{SCALE_NOTE} {implied:.2f}, outside rigid.scale_min..scale_max "
+            f"[{cfg.scale_min:g}, {cfg.scale_max:g}]: if the slides were scanned at different "
+            "resolutions, state their pixel sizes (ingest --pixel-size) or widen the range"
+        )
     feat = feature_alignment(target, source, target_mask, source_mask, cfg)
     if feat is not None and feat.method != "rejected":
         candidates.append(feat)
