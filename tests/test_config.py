@@ -228,6 +228,20 @@ def test_yaml_list_is_refused(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     assert "config file not found" in _config_error(tmp_path / "absent.yaml")
+    (tmp_path / "configs").mkdir()
+    assert "is a directory, not a config file" in _config_error(tmp_path / "configs")
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """A second `nonrigid:` block replaced the first without a word (its tile size was lost)."""
+    text = "nonrigid:\n  tile: 768\nrigid:\n  ratio: 0.7\nnonrigid:\n  levels: 3\n"
+    assert "key 'nonrigid' is given twice" in _config_error(_write(tmp_path, text))
+    text = "nonrigid:\n  tile: 768\n  tile: 1024\n"
+    assert "key 'tile' is given twice" in _config_error(_write(tmp_path, text, "inner.yaml"))
+    # YAML merge keys may still be overridden
+    text = "nonrigid:\n  <<: {tile: 768, levels: 2}\n  tile: 1024\n"
+    cfg = load_config(_write(tmp_path, text, "merge.yaml"))
+    assert (cfg.nonrigid.tile, cfg.nonrigid.levels) == (1024, 2)
 
 
 @pytest.mark.parametrize(
@@ -408,3 +422,11 @@ def test_every_preset_loads_and_changes_only_what_it_names(preset: str) -> None:
             assert got[section][key] == value
     changed = {(s, k) for s in default for k in default[s] if got[s][k] != default[s][k]}
     assert changed == {(s, k) for s, v in given.items() for k in v}
+
+
+def test_quiet_and_progress_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--progress --quiet` printed progress: one of them was ignored without a word."""
+    with pytest.raises(SystemExit) as exc:
+        main(["config", "--quiet", "--progress"])
+    assert exc.value.code == 2
+    assert "argument --progress: not allowed with argument --quiet" in capsys.readouterr().err

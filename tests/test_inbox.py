@@ -414,6 +414,18 @@ def test_check_cron_uses_prefects_rules() -> None:
             check_cron(bad)
 
 
+def test_serve_with_a_file_as_inbox_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "inbox folder not found" of a file that was there."""
+    from wsireg_flow.cli import main
+
+    afile = tmp_path / "inbox.yaml"
+    afile.write_text("kind: pair\n")
+    assert main(["serve", "--inbox", str(afile), "--once"]) == 2
+    assert capsys.readouterr().err == f"wsireg-flow: error: {afile}: is a file, not a folder\n"
+
+
 def test_serve_with_a_bad_cron_is_refused_with_one_line(tmp_path: Path) -> None:
     """It printed "serving inbox ... on schedule 'bogus'", then died on a ValidationError."""
     (tmp_path / "inbox").mkdir()
@@ -440,6 +452,8 @@ def test_serve_with_a_bad_cron_is_refused_with_one_line(tmp_path: Path) -> None:
         ("kind: pair\ntarget: a.jpg\nsource: b.jpg\nreference: 1\n", "'reference'"),
         ("kind: stack\nfolder: case\ntarget_landmarks: a.csv\n", "'target_landmarks'"),
         ("kind: stack\nfolder: case\nsections: [a.jpg, b.jpg]\n", "not both"),
+        # a key given twice: YAML kept the last one without a word (the other slide ran)
+        ("kind: pair\ntarget: a.jpg\nsource: b.jpg\ntarget: c.jpg\n", "'target' is given twice"),
     ],
 )
 def test_keys_of_the_other_manifest_kind_are_refused(

@@ -40,8 +40,9 @@ LOG = logging.getLogger("wsireg_flow.cli")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML config (see configs/).")
     p.add_argument("--debug", action="store_true", help="Show tracebacks.")
-    p.add_argument("--quiet", action="store_true", help="No progress output.")
-    p.add_argument(
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="No progress output.")
+    shown.add_argument(
         "--progress", action="store_true", help="Show progress even when stderr is not a terminal."
     )
 
@@ -217,7 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.inbox import check_cron, process_inbox, require_server, serve, warnings_to
 
     if not args.inbox.is_dir():
-        raise WsiregError("inbox folder not found", args.inbox)
+        problem = "is a file, not a folder" if args.inbox.exists() else "inbox folder not found"
+        raise WsiregError(problem, args.inbox)
     if not args.once:
         check_cron(args.cron)
     if not 0 <= args.settle < float("inf"):

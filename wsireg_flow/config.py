@@ -247,6 +247,34 @@ def config_from_dict(data: dict[str, Any], source: str | os.PathLike[str] | None
         raise ConfigError(f"invalid configuration: {_format_errors(exc)}", source) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the plain loader keeps
+    the last and drops the first without a word: a second ``nonrigid:`` block silently undid
+    the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML with the safe loader, refusing duplicate keys (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python tags
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load a YAML config (safe loader); ``None`` gives the defaults.
 
@@ -259,10 +287,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if path is None:
         return Config()
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError("is a directory, not a config file", p)
     if not p.is_file():
         raise ConfigError("config file not found", p)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"not valid YAML ({first})", p) from None

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from wsireg_flow.config import Config, config_from_dict
+from wsireg_flow.config import Config, config_from_dict, load_yaml
 from wsireg_flow.errors import ConfigError, InputError, WsiregError
 from wsireg_flow.landmarks import resolve_path
 
@@ -50,7 +50,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read and validate a manifest (YAML safe loader; unknown keys refused)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"not a readable YAML manifest ({first})", p) from None
