@@ -211,6 +211,17 @@ def test_densify_adds_vertices_along_edges(affine: Transform) -> None:
     assert len(warp_geojson(point, affine, densify=10.0)["coordinates"]) == 2
 
 
+def test_z_and_further_values_of_a_position_are_kept(affine: Transform) -> None:
+    """Positions [x, y, z] lost their z: only x and y are mapped, the rest is kept (and
+    interpolated along densified edges)."""
+    point = warp_geojson({"type": "Point", "coordinates": [10, 20, 7.5]}, affine)
+    assert point["coordinates"] == [*_F(10, 20), 7.5]
+    line = {"type": "LineString", "coordinates": [[0, 0, 1.0], [30, 40, 6.0]]}  # 50 px
+    dense = warp_geojson(line, affine, densify=10.0)["coordinates"]
+    np.testing.assert_allclose([p[2] for p in dense], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    np.testing.assert_allclose(dense[1][:2], _F(6.0, 8.0))
+
+
 def test_target_to_source_inverts_source_to_target_affine(affine: Transform) -> None:
     data = qupath_collection()
     back = warp_geojson(warp_geojson(data, affine), affine, "target-to-source")
@@ -266,6 +277,10 @@ def test_cli_warp_annotations_with_a_saved_affine(affine: Transform, tmp_path: P
             "not valid GeoJSON",
         ),
         (json.dumps({"type": "Polygon", "coordinates": 5}), "not valid GeoJSON"),
+        # a NaN went through and came out as `[NaN, NaN]`, which no JSON reader accepts
+        ('{"type": "Point", "coordinates": [NaN, 5]}', "position [nan, 5.0] is not finite"),
+        ('{"type": "LineString", "coordinates": [[1, 2], [Infinity, 3]]}', "is not finite"),
+        ('{"type": "MultiPoint", "coordinates": [[1, 2], [3]]}', "not valid GeoJSON"),
     ],
 )
 def test_bad_geojson_exits_2_with_one_line(

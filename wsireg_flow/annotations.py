@@ -29,29 +29,46 @@ Direction = Literal["source-to-target", "target-to-source"]
 
 
 def _densify(ring: np.ndarray, step: float) -> np.ndarray:
+    """Vertices added along edges longer than ``step`` px (in x, y; further values of the
+    (N, D) positions are interpolated alike)."""
     if step <= 0 or len(ring) < 2:
         return ring
     out = [ring[0]]
     for a, b in itertools.pairwise(ring):
-        n = int(np.ceil(np.linalg.norm(b - a) / step))
+        n = int(np.ceil(np.linalg.norm(b[:2] - a[:2]) / step))
         for k in range(1, n):
             out.append(a + (b - a) * k / n)
         out.append(b)
     return np.array(out)
 
 
+def _positions(coords: Any) -> np.ndarray:
+    """(N, D) float array of GeoJSON positions ``[x, y(, z...)]``, D >= 2 and the same for
+    all; refuses non-finite values (JSON has no NaN: the output would not parse)."""
+    pts = np.asarray(coords, np.float64)
+    if pts.ndim != 2 or pts.shape[1] < 2:
+        raise ValueError(f"positions must be [x, y] or [x, y, z], got {coords!r:.80}")
+    bad = ~np.isfinite(pts).all(axis=1)
+    if bad.any():
+        raise ValueError(f"position {pts[bad][0].tolist()} is not finite")
+    return pts
+
+
 def _map_coords(coords: Any, fn: PointMap, depth: int, step: float) -> Any:
-    """Map a GeoJSON coordinate array of nesting ``depth`` (0 = one position)."""
+    """Map a GeoJSON coordinate array of nesting ``depth`` (0 = one position). Only x and y
+    are mapped; further values of a position (z, a measure) are kept as they are."""
     if depth == 0:
-        return [float(v) for v in fn(np.asarray([coords[:2]], np.float64))[0]]
+        pts = _positions([coords])
+        pts[:, :2] = fn(pts[:, :2])
+        return pts[0].tolist()
     if depth == 1:
-        pts = np.asarray([c[:2] for c in coords], np.float64).reshape(-1, 2)
-        closed = len(pts) > 2 and np.allclose(pts[0], pts[-1])
+        pts = _positions(coords)
+        closed = len(pts) > 2 and np.allclose(pts[0, :2], pts[-1, :2])
         pts = _densify(pts, step) if step > 0 else pts
-        mapped = fn(pts)
+        pts[:, :2] = fn(pts[:, :2])
         if closed:
-            mapped[-1] = mapped[0]
-        return mapped.tolist()
+            pts[-1] = pts[0]
+        return pts.tolist()
     return [_map_coords(c, fn, depth - 1, step) for c in coords]
 
 
@@ -133,6 +150,6 @@ def warp_geojson_file(
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputError(f"not valid GeoJSON ({type(exc).__name__}: {exc})", p) from None
     tmp = temp_sibling(o)
-    tmp.write_text(json.dumps(warped))
+    tmp.write_text(json.dumps(warped, allow_nan=False))
     os.replace(tmp, o)
     return o
