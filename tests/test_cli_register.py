@@ -396,6 +396,28 @@ def error_runs(
     return out
 
 
+def test_other_landmark_files_rescore_a_finished_run(
+    run: dict[str, object], tmp_path: Path
+) -> None:
+    """A run given landmark files under another path was refused as "another job" (exit 2):
+    everything had to be registered again. Only the scoring runs again now."""
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(Path(run["dir"]), d)  # type: ignore[arg-type]
+    moved = tmp_path / "v2.csv"
+    shutil.copy(SOURCE_LM, moved)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*_args(d, source_lm=moved), "--quiet"]) == 0
+    summary = json.loads(stdout.getvalue().strip().splitlines()[-1])
+    assert summary["stages_run"] == ["evaluate", "qc"]
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert metrics["inputs"]["source_landmarks"] == str(moved.resolve())
+    before = json.loads((Path(run["dir"]) / "metrics.json").read_text())  # type: ignore[arg-type]
+    assert metrics["landmarks"] == before["landmarks"]  # the same points score the same
+
+
 def test_other_job_into_existing_run_dir_fails_with_one_line(
     run: dict[str, object], error_runs: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:

@@ -726,7 +726,8 @@ def test_register_refuses_a_directory_holding_another_job(batch: dict[str, Any])
     assert res.returncode == 2
     line = _one_line(res.stderr)
     assert line == (
-        f"{ERR}{d}: run directory exists and holds other results (use --overwrite to replace it)"
+        f"{ERR}{d}: run directory exists and holds other results (target /elsewhere/a.svs, "
+        "source /elsewhere/b.svs) (use --overwrite to replace it)"
     )
     assert batch["after"]["other_job"] == batch["before"]["other_job"]
     assert sorted(p.name for p in d.iterdir()) == [

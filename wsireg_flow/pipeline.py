@@ -142,6 +142,9 @@ class PairJob:
             f["stitch"],
             file_fingerprint(self.target_landmarks),
             file_fingerprint(self.source_landmarks),
+            # the paths too: metrics.json records them (another file, same points: rewritten)
+            resolved_path(self.target_landmarks),
+            resolved_path(self.source_landmarks),
             self.diagonal,
         )
         f["qc"] = fingerprint("qc", f["warp"], f["evaluate"])
@@ -164,9 +167,7 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     if overwrite and holds_results(d):
         check_replaceable(d)
     if not overwrite and holds_results(d) and not holds_this_job(job):
-        raise WsiregError(
-            "run directory exists and holds other results (use --overwrite to replace it)", d
-        )
+        raise WsiregError(_another_job(job), d)
 
 
 def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
@@ -182,9 +183,7 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
     check_not_over_inputs(d, job.inputs())
     if holds_results(d):
         if not overwrite and not holds_this_job(job):
-            raise WsiregError(
-                "run directory exists and holds other results (use --overwrite to replace it)", d
-            )
+            raise WsiregError(_another_job(job), d)
         if overwrite:
             check_replaceable(d)
             empty_run_dir(d)
@@ -195,21 +194,38 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
     write_json(d / "job.json", {**job.describe(), "config": job.cfg.model_dump(mode="json")})
 
 
-_PATH_KEYS = ("target", "source", "target_landmarks", "source_landmarks")
+# what makes a run directory another job's: its two slides. Landmark files and settings may
+# change: the stages that read them run again (their fingerprints record them).
+_IDENTITY_KEYS = ("target", "source")
+
+
+def _recorded_job(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        old = json.loads((run_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
 
 
 def holds_this_job(job: PairJob) -> bool:
-    """Whether the run directory's ``job.json`` records this job's inputs (paths compared
-    resolved: records written before paths were resolved hold them as typed; settings may
-    differ, their stages re-run)."""
-    try:
-        old = json.loads((job.run_dir / "job.json").read_text())
-    except (OSError, ValueError):
+    """Whether the run directory's ``job.json`` records this job's target and source (paths
+    compared resolved: records written before paths were resolved hold them as typed)."""
+    old = _recorded_job(job.run_dir)
+    if old is None:
         return False
-    if not isinstance(old, dict):
-        return False
-    old = {k: resolved_path(v) if k in _PATH_KEYS else v for k, v in old.items()}
-    return all(old.get(k) == v for k, v in job.describe().items())
+    new = job.describe()
+    return all(
+        isinstance(old.get(k), str) and resolved_path(old[k]) == new[k] for k in _IDENTITY_KEYS
+    )
+
+
+def _another_job(job: PairJob) -> str:
+    """The refusal of a run directory holding other results, saying whose when it can."""
+    old = _recorded_job(job.run_dir)
+    whose = ""
+    if old is not None and all(isinstance(old.get(k), str) for k in _IDENTITY_KEYS):
+        whose = f" (target {old['target']}, source {old['source']})"
+    return f"run directory exists and holds other results{whose} (use --overwrite to replace it)"
 
 
 # -- stage implementations (each returns its outputs, relative to the run directory) ---------
