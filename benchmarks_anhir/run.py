@@ -457,16 +457,25 @@ def load_dataset(root: Path, table: Path, status: str | None, limit: int | None)
     return select_pairs(read_pair_table(table), status, limit)
 
 
+def no_pairs_message(status: str | None) -> str:
+    """The refusal of a pair table (after ``--status``) with nothing to register."""
+    return "no pairs selected" + (f" (none has status {status!r})" if status else "")
+
+
 def check_benchmark_dir(
     root: Path, table: Path, out: Path, cfg: Config, status: str | None, limit: int | None
 ) -> None:
-    """Refuse, before any work, an output folder that holds a register or stack run, or a pair
-    folder (``pairs/INDEX``) that holds another pair's results (another dataset or table):
-    the benchmark would fail those pairs, or mix its outputs with another run's."""
+    """Refuse, before any work, a selection without pairs, an output folder that holds a
+    register or stack run, or a pair folder (``pairs/INDEX``) that holds another pair's results
+    (another dataset or table): the benchmark would fail those pairs, or mix its outputs with
+    another run's."""
     for marker, kind in (("job.json", "register"), ("stack.json", "stack")):
         if (out / marker).is_file():
             raise WsiregError(f"holds a {kind} run, not an ANHIR run: choose another --out", out)
-    for p in load_dataset(root, table, status, limit):
+    pairs = load_dataset(root, table, status, limit)
+    if not pairs:  # before Prefect starts
+        raise WsiregError(no_pairs_message(status), table)
+    for p in pairs:
         try:
             job = _pair_job(p, root, out, cfg)
         except WsiregError:  # a bad path in this row: recorded as the pair's failure later
@@ -509,7 +518,7 @@ def run_benchmark(
     """
     pairs = load_dataset(root, table, status, limit)
     if not pairs:
-        raise WsiregError("no pairs selected", table)
+        raise WsiregError(no_pairs_message(status), table)
     out.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, PairOutcome] = {}
     for k, p in enumerate(pairs):

@@ -17,6 +17,7 @@ from benchmarks_anhir.run import (
     PairOutcome,
     collect_outcomes,
     load_dataset,
+    no_pairs_message,
     register_one,
     write_outputs,
 )
@@ -50,7 +51,7 @@ def anhir_benchmark(
     """Register and score an ANHIR-layout dataset; returns summary.json's content."""
     pairs = load_dataset(root, table, status, limit)
     if not pairs:
-        raise WsiregError("no pairs selected", table)
+        raise WsiregError(no_pairs_message(status), table)
     out.mkdir(parents=True, exist_ok=True)
     progress = flow_progress(echo)
     outcomes: dict[str, PairOutcome] = {}

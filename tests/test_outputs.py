@@ -246,3 +246,25 @@ def test_an_output_under_a_broken_link_or_a_file_is_refused_before_any_work(
             code, err = _cli(argv)
             _refused(code, err, parent / argv[argv.index("--out") + 1].rsplit("/", 1)[1], problem)
     assert not (tmp_path / "not-mounted").exists()
+
+
+def test_stack_and_anhir_refuse_bad_input_before_starting_prefect(
+    inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stack` with a text file named .svs, or `anhir` whose --status selects no pair, failed
+    only after Prefect's temporary server had started (about 10 s)."""
+    import flows.server
+
+    def no_prefect() -> None:
+        raise AssertionError("Prefect was started")
+
+    monkeypatch.setattr(flows.server, "prefect_api", no_prefect)
+    fake = tmp_path / "text.svs"
+    fake.write_text("not a slide\n")
+    code, err = _cli(["stack", str(inputs / "a.jpg"), str(fake), "--out", str(tmp_path / "s")])
+    assert code == 2 and str(fake) in err and len(err.strip().splitlines()) == 1, err
+    table = DATASET / "dataset.csv"
+    argv = ["anhir", "--dataset", str(DATASET), "--pairs", str(table), "--status", "evaluation"]
+    code, err = _cli([*argv, "--out", str(tmp_path / "a")])
+    _refused(code, err, table, "no pairs selected (none has status 'evaluation')")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "a").exists()

@@ -202,21 +202,23 @@ def test_save_load_affine_only(tmp_path: Path) -> None:
 
 
 def test_load_refuses_non_transform_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "transform"
+    folder.mkdir()
     with pytest.raises(InputError, match="not a transform directory"):
-        Transform.load(tmp_path)
+        Transform.load(folder)
     # an affine.json without its shapes raised a bare KeyError (exit 1); warp-annotations
     # then blamed the GeoJSON file
-    (tmp_path / "affine.json").write_text(json.dumps({"affine": np.eye(3).tolist()}))
+    (folder / "affine.json").write_text(json.dumps({"affine": np.eye(3).tolist()}))
     with pytest.raises(InputError, match=r"not a transform directory \(KeyError") as exc:
-        Transform.load(tmp_path)
-    assert exc.value.path == tmp_path
+        Transform.load(folder)
+    assert exc.value.path == folder
     from wsireg_flow.annotations import warp_geojson_file
 
     src = tmp_path / "points.geojson"
     src.write_text(json.dumps({"type": "Point", "coordinates": [1.0, 2.0]}))
     with pytest.raises(InputError, match="not a transform directory") as exc:
-        warp_geojson_file(tmp_path, src, tmp_path / "out.geojson")
-    assert exc.value.path == tmp_path
+        warp_geojson_file(folder, src, tmp_path / "out.geojson")
+    assert exc.value.path == folder
 
 
 # --------------------------------------------------------------------------- geometry

@@ -247,32 +247,34 @@ def config_from_dict(data: dict[str, Any], source: str | os.PathLike[str] | None
         raise ConfigError(f"invalid configuration: {_format_errors(exc)}", source) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (the plain loader keeps
+def _refuse_duplicate_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
+    """Raise ``yaml.YAMLError`` when a mapping under ``node`` gives a key twice (PyYAML keeps
     the last and drops the first without a word: a second ``nonrigid:`` block silently undid
-    the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
+    the first). Merge keys (``<<: *anchor``) may still be overridden."""
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[tuple[str, str]] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in keys:
+                    raise yaml.YAMLError(
+                        f"key {key.value!r} is given twice (line {key.start_mark.line + 1})"
+                    )
+                keys.add((key.tag, key.value))
+            _refuse_duplicate_keys(value, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, seen_nodes)
 
 
 def load_yaml(text: str) -> Any:
     """Parse YAML with the safe loader, refusing duplicate keys (raises ``yaml.YAMLError``)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python tags
+    node = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: nothing is constructed
+    if node is not None:
+        _refuse_duplicate_keys(node, set())
+    return yaml.safe_load(text)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

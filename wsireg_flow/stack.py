@@ -30,9 +30,9 @@ import numpy as np
 from wsireg_flow.config import Config
 from wsireg_flow.errors import InputError, WsiregError
 from wsireg_flow.geometry import corner_origin
-from wsireg_flow.io.slide import open_slide
+from wsireg_flow.io.slide import open_slide, probe_shape
 from wsireg_flow.landmarks import image_diagonal, paired, read_landmarks, write_landmarks
-from wsireg_flow.pipeline import PairJob, job_is_complete
+from wsireg_flow.pipeline import PairJob, job_is_complete, validate_landmarks
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, overlay, preview, registration_quality, save_figure
 from wsireg_flow.stages import (
@@ -99,14 +99,16 @@ class StackJob:
         return len(self.sections) // 2 if self.reference is None else self.reference
 
     def validate(self) -> None:
-        """Check the reference index and the landmark files before any work (raises)."""
+        """Check the reference index, that every section opens, and the landmark files
+        before any work (raises)."""
         n = len(self.sections)
         if not 0 <= self.ref < n:
             raise WsiregError(f"reference {self.ref} is not a section index (0..{n - 1})")
         if self.landmarks is not None and len(self.landmarks) != n:
             raise WsiregError(f"{len(self.landmarks)} landmark files for {n} sections")
-        for lm in self.landmarks or []:
-            read_landmarks(lm)
+        shapes = [probe_shape(s) for s in self.sections]  # a bad image fails here, before work
+        for lm, shape in zip(self.landmarks or [], shapes, strict=False):
+            validate_landmarks(read_landmarks(lm), shape, lm)
 
     def name(self, k: int) -> str:
         """Folder-safe name of section ``k``: its index and file stem."""
