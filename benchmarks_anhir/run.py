@@ -78,7 +78,8 @@ def select_pairs(pairs: Sequence[Pair], status: str | None, limit: int | None) -
     return out[:limit] if limit is not None else out
 
 
-def _pair_job(p: Pair, root: Path, out: Path, cfg: Config) -> PairJob:
+def pair_job(p: Pair, root: Path, out: Path, cfg: Config) -> PairJob:
+    """The job of pair ``p`` of the dataset at ``root``, in ``OUT/pairs/INDEX``."""
     return PairJob(
         resolve_path(root, p.target_image),
         resolve_path(root, p.source_image),
@@ -101,7 +102,7 @@ def register_one(
     """Register one pair (resuming a finished one); never raises for a bad pair."""
     t0 = time.perf_counter()
     try:
-        job = _pair_job(p, root, out, cfg)
+        job = pair_job(p, root, out, cfg)
         ran = run_pair(job, scheduler=scheduler, progress=progress)
     except Exception as exc:  # a failed pair is recorded, the run goes on
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -477,7 +478,7 @@ def check_benchmark_dir(
         raise WsiregError(no_pairs_message(status), table)
     for p in pairs:
         try:
-            job = _pair_job(p, root, out, cfg)
+            job = pair_job(p, root, out, cfg)
         except WsiregError:  # a bad path in this row: recorded as the pair's failure later
             continue
         if holds_results(job.run_dir) and not holds_this_job(job):
@@ -495,7 +496,7 @@ def benchmark_is_complete(
     re-run only rescores (no orchestration needed). False on any problem with the table."""
     try:
         pairs = load_dataset(root, table, status, limit)
-        return bool(pairs) and all(job_is_complete(_pair_job(p, root, out, cfg)) for p in pairs)
+        return bool(pairs) and all(job_is_complete(pair_job(p, root, out, cfg)) for p in pairs)
     except (WsiregError, OSError, ValueError):
         return False
 

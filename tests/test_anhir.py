@@ -597,14 +597,14 @@ def test_pairs_whose_worker_is_lost_are_recorded_as_failed() -> None:
 def test_a_pair_resumed_part_way_reports_all_its_stages_time(tmp_path: Path) -> None:
     """A pair interrupted after its coarse stage and resumed reported the minutes of the
     resumed part only (0.027 against 0.061 for the whole pair)."""
-    from benchmarks_anhir.run import _pair_job, register_one
+    from benchmarks_anhir.run import pair_job, register_one
     from wsireg_flow.config import Config
     from wsireg_flow.landmarks import read_pair_table
     from wsireg_flow.pipeline import PAIR_STAGES, run_pair
     from wsireg_flow.stages import read_record
 
     pair = read_pair_table(TABLE)[2]
-    job = _pair_job(pair, DATA, tmp_path, Config())
+    job = pair_job(pair, DATA, tmp_path, Config())
     first = PAIR_STAGES[: PAIR_STAGES.index("coarse") + 1]
     run_pair(job, stages=first)  # the part an interrupted run finished
     outcome = register_one(pair, DATA, tmp_path, Config())

@@ -345,3 +345,43 @@ def test_compare_palom_refuses_in_one_line_without_a_palom_python(
     assert reason in lines[0]
     assert "python3 -m venv" in lines[0] and "pip install palom" in lines[0]
     assert not (tmp_path / "o").exists()  # refused before doing anything
+
+
+def test_moved_affine_samples_the_source_further_along_the_move() -> None:
+    from benchmarks_anhir.coarse_sensitivity import moved_affine
+
+    a = np.array([[0.9, -0.2, 5.0], [0.1, 1.1, -3.0], [0.0, 0.0, 1.0]])
+    x = np.array([40.0, 70.0, 1.0])
+    np.testing.assert_allclose(moved_affine(a, 0.5, -2.0) @ x, a @ (x + np.array([0.5, -2.0, 0.0])))
+
+
+def test_coarse_sensitivity_reruns_a_finished_pair_from_its_moved_affine(tmp_path: Path) -> None:
+    """Moved by 0 px, the re-run reproduces the run's median rTRE exactly (so the spread the
+    diagnostic reports comes from the move alone); moved by 3 px, the scores move."""
+    from benchmarks_anhir.coarse_sensitivity import main
+    from benchmarks_anhir.run import run_benchmark
+    from wsireg_flow.config import Config
+
+    dataset = ROOT / "data" / "anhir-sample"
+    run = tmp_path / "run"
+    run_benchmark(dataset, dataset / "dataset.csv", run, Config(), limit=1)
+    coarse = (run / "pairs" / "0" / "coarse.json").read_text()
+    base = json.loads((run / "pairs" / "0" / "metrics.json").read_text())["landmarks"]
+    for shift in (0.0, 3.0):
+        out = tmp_path / f"sensitivity-{shift:g}.json"
+        assert (
+            main([str(run), "--dataset", str(dataset), "--shift", str(shift), "--out", str(out)])
+            == 0
+        )
+        doc = json.loads(out.read_text())
+        (pair,) = doc["pairs"]
+        assert pair["median_rtre"] == base["median_rtre"] and len(pair["moved_median_rtre"]) == 4
+        if shift == 0:
+            assert pair["moved_median_rtre"] == [base["median_rtre"]] * 4
+            assert pair["spread"] == 0.0
+        else:
+            assert pair["spread"] > 0.0
+        assert Path(doc["figure"]).read_bytes().startswith(b"\x89PNG")
+    after = json.loads((run / "pairs" / "0" / "metrics.json").read_text())["landmarks"]
+    assert after == base  # the run itself is not re-run or moved
+    assert (run / "pairs" / "0" / "coarse.json").read_text() == coarse
