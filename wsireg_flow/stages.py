@@ -117,9 +117,10 @@ def check_writable_dir(path: Path) -> None:
 def check_not_over_inputs(
     out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]
 ) -> None:
-    """Refuse an output that is one of ``inputs``, a directory holding one, or a path inside
-    an input directory (an OME-Zarr pyramid, a run's transform folder), symlinks followed:
-    writing it, and replacing or emptying it with ``--overwrite``, would destroy the input.
+    """Refuse an output that is one of ``inputs`` or a directory holding one (writing it, and
+    replacing or emptying it with ``--overwrite``, would destroy the input), or a path inside
+    an input directory (an OME-Zarr pyramid, a run's transform folder: it would be altered);
+    symlinks followed.
 
     Raises
     ------
