@@ -214,6 +214,8 @@ def test_densify_adds_vertices_along_edges(affine: Transform) -> None:
 def test_z_and_further_values_of_a_position_are_kept(affine: Transform) -> None:
     """Positions [x, y, z] lost their z: only x and y are mapped, the rest is kept (and
     interpolated along densified edges)."""
+    empty = {"type": "LineString", "coordinates": []}  # RFC 7946 allows empty geometries
+    assert warp_geojson(empty, affine) == empty
     point = warp_geojson({"type": "Point", "coordinates": [10, 20, 7.5]}, affine)
     assert point["coordinates"] == [*_F(10, 20), 7.5]
     line = {"type": "LineString", "coordinates": [[0, 0, 1.0], [30, 40, 6.0]]}  # 50 px
@@ -280,7 +282,10 @@ def test_cli_warp_annotations_with_a_saved_affine(affine: Transform, tmp_path: P
         # a NaN went through and came out as `[NaN, NaN]`, which no JSON reader accepts
         ('{"type": "Point", "coordinates": [NaN, 5]}', "position [nan, 5.0] is not finite"),
         ('{"type": "LineString", "coordinates": [[1, 2], [Infinity, 3]]}', "is not finite"),
-        ('{"type": "MultiPoint", "coordinates": [[1, 2], [3]]}', "not valid GeoJSON"),
+        ('{"type": "MultiPoint", "coordinates": [[1, 2], [3]]}', "as many values"),
+        ('{"type": "LineString", "coordinates": [[1, 2], [3, 4, 5]]}', "as many values"),
+        # finite, but inf once in the fields' float32: the write failed, exit 1, no file named
+        ('{"type": "Point", "coordinates": [1e308, 1e308]}', "is beyond 1e+09 px"),
     ],
 )
 def test_bad_geojson_exits_2_with_one_line(

@@ -170,8 +170,9 @@ def test_two_errors_are_both_named(tmp_path: Path) -> None:
         ("nonrigid:\n  levels: 7\n", "'nonrigid.levels'", "less than or equal to 6"),
         # passed validation, then failed the run after three stages: "ValueError: Could not
         # interpret 'lots' as a byte unit", naming neither key nor file
-        ("dask:\n  memory_limit: lots\n", "'dask.memory_limit'", "'auto' or a size"),
-        ("dask:\n  memory_limit: 0GB\n", "'dask.memory_limit'", "'auto' or a size"),
+        ("dask:\n  memory_limit: lots\n", "'dask.memory_limit'", "at least 128MiB"),
+        ("dask:\n  memory_limit: 10MB\n", "'dask.memory_limit'", "at least 128MiB"),
+        ("dask:\n  memory_limit: '4'\n", "'dask.memory_limit'", "or a size with a unit"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
@@ -238,6 +239,9 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     assert "key 'nonrigid' is given twice" in _config_error(_write(tmp_path, text))
     text = "nonrigid:\n  tile: 768\n  tile: 1024\n"
     assert "key 'tile' is given twice" in _config_error(_write(tmp_path, text, "inner.yaml"))
+    # keys written differently that YAML reads as one (`yes` and `true` are both True)
+    text = "rigid:\n  try_flip: false\nnonrigid: {yes: 1, true: 2}\n"
+    assert "key 'true' is given twice" in _config_error(_write(tmp_path, text, "bool.yaml"))
     # YAML merge keys may still be overridden
     text = "nonrigid:\n  <<: {tile: 768, levels: 2}\n  tile: 1024\n"
     cfg = load_config(_write(tmp_path, text, "merge.yaml"))
@@ -430,3 +434,9 @@ def test_quiet_and_progress_together_are_refused(capsys: pytest.CaptureFixture[s
         main(["config", "--quiet", "--progress"])
     assert exc.value.code == 2
     assert "argument --progress: not allowed with argument --quiet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["auto", "4GB", "2GiB", "0.5", "1", "0"])
+def test_memory_limits_dask_reads_are_accepted(value: str) -> None:
+    """A share of memory ('0.5'), no limit ('0') and sizes with a unit, as Dask reads them."""
+    assert Config.model_validate({"dask": {"memory_limit": value}}).dask.memory_limit == value

@@ -227,7 +227,9 @@ def test_existing_output_refused_then_replaced(
 
     # a folder wsireg-flow did not write is not replaced, even with --overwrite
     assert _ingest(CMU, out, "--overwrite") == 2
-    assert "is not a wsireg-flow output (holds keep.txt)" in capsys.readouterr().err
+    assert (
+        "holds keep.txt, which no OME-Zarr pyramid of wsireg-flow holds" in capsys.readouterr().err
+    )
     assert (out / "keep.txt").read_text() == "precious"
 
     # a pyramid it wrote is

@@ -212,7 +212,13 @@ def test_overwrite_replaces_only_what_wsireg_flow_wrote(inputs: Path, tmp_path: 
         ["synth", "--size", "800x800", "--out", str(mine)],
     ):
         code, err = _cli([*argv, "--overwrite"])
-        _refused(code, err, mine, "is not a wsireg-flow output (holds notes.txt, sub)")
+        _refused(code, err, mine, "holds notes.txt, sub, which no ")
+    assert _digest(mine) == before
+    # a name wsireg-flow writes does not make the rest of the folder its own
+    (mine / "job.json").write_text("{}")
+    code, err = _cli(["register", a, b, "--out", str(mine), "--overwrite"])
+    _refused(code, err, mine, "holds notes.txt, sub, which no register run of wsireg-flow holds")
+    (mine / "job.json").unlink()
     assert _digest(mine) == before
     # the config is an input too, wherever it is kept
     config = mine / "my.yaml"
@@ -225,6 +231,22 @@ def test_overwrite_replaces_only_what_wsireg_flow_wrote(inputs: Path, tmp_path: 
     for _ in range(2):
         assert _cli(["ingest", a, "--out", str(zarr), "--overwrite"])[0] == 0
     assert (zarr / ".zattrs").is_file()
+    # ...but not through a symbolic link (the link would be replaced), nor while a run writes
+    link = tmp_path / "link.zarr"
+    link.symlink_to(zarr)
+    code, err = _cli(["ingest", a, "--out", str(link), "--overwrite"])
+    _refused(code, err, link, "is a symbolic link")
+    from wsireg_flow.stages import LOCK_NAME, exclusive_lock
+
+    with exclusive_lock(zarr / LOCK_NAME) as held:
+        assert held
+        code, err = _cli(["ingest", a, "--out", str(zarr), "--overwrite"])
+    _refused(code, err, zarr, "another wsireg-flow run is writing")
+    assert (zarr / ".zattrs").is_file()
+    # the config is an input of every command that takes one
+    code, err = _cli(["export", str(zarr), "--out", str(config), "--config", str(config)])
+    _refused(code, err, config, "is or holds the input")
+    assert config.read_text() == "nonrigid:\n  levels: 1\n"
 
 
 def test_an_output_under_a_broken_link_or_a_file_is_refused_before_any_work(

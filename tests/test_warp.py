@@ -183,6 +183,20 @@ def test_warp_slide_labels_of_any_integer_dtype_keep_their_values(
         assert set(np.unique(s.read_region(1, 0, 0, H, W)).tolist()) <= set(lut.tolist())
 
 
+@pytest.mark.parametrize("dtype", ["int64", "uint64"])
+def test_linear_warps_of_64_bit_integers_keep_the_fill_in_range(dtype: str) -> None:
+    """The fill (the dtype's maximum, white for RGB) went through float64, rounded up past the
+    dtype and wrapped: int64 white came back as -2**63, uint64 white as 0."""
+    from wsireg_flow.warp import remap_linear
+
+    top = int(np.iinfo(dtype).max)
+    mx, my = np.meshgrid(np.arange(8, dtype=np.float32) + 4.25, np.arange(4, dtype=np.float32))
+    m1, m2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
+    got = remap_linear(np.full((4, 8), 5, dtype), m1, m2, top)
+    assert got.dtype == np.dtype(dtype)
+    assert got[0, 0] == 5 and got.min() >= 5 and got[0, -1] > top // 2  # fill: near the top
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int32", "uint32", "int64", "float16"])
 def test_warp_chunk_interpolates_dtypes_opencv_cannot(slides: Slides, dtype: str) -> None:
     """Linear warping of dtypes cv2.remap refuses (int8, int32, uint32, int64, float16) equals

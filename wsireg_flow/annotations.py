@@ -42,15 +42,23 @@ def _densify(ring: np.ndarray, step: float) -> np.ndarray:
     return np.array(out)
 
 
+MAX_COORDINATE = 1e9  # px: beyond any slide, and within the float32 range of the fields
+
+
 def _positions(coords: Any) -> np.ndarray:
     """(N, D) float array of GeoJSON positions ``[x, y(, z...)]``, D >= 2 and the same for
     all; refuses non-finite values (JSON has no NaN: the output would not parse)."""
+    if len({len(c) for c in coords}) > 1:
+        raise ValueError("the positions of one geometry must all have as many values")
     pts = np.asarray(coords, np.float64)
     if pts.ndim != 2 or pts.shape[1] < 2:
         raise ValueError(f"positions must be [x, y] or [x, y, z], got {coords!r:.80}")
     bad = ~np.isfinite(pts).all(axis=1)
     if bad.any():
         raise ValueError(f"position {pts[bad][0].tolist()} is not finite")
+    far = (np.abs(pts[:, :2]) > MAX_COORDINATE).any(axis=1)
+    if far.any():
+        raise ValueError(f"position {pts[far][0].tolist()} is beyond {MAX_COORDINATE:g} px")
     return pts
 
 
@@ -59,17 +67,27 @@ def _map_coords(coords: Any, fn: PointMap, depth: int, step: float) -> Any:
     are mapped; further values of a position (z, a measure) are kept as they are."""
     if depth == 0:
         pts = _positions([coords])
-        pts[:, :2] = fn(pts[:, :2])
+        pts[:, :2] = _finite(fn(pts[:, :2]))
         return pts[0].tolist()
     if depth == 1:
+        if len(coords) == 0:  # an empty geometry (RFC 7946 allows it)
+            return []
         pts = _positions(coords)
         closed = len(pts) > 2 and np.allclose(pts[0, :2], pts[-1, :2])
         pts = _densify(pts, step) if step > 0 else pts
-        pts[:, :2] = fn(pts[:, :2])
+        pts[:, :2] = _finite(fn(pts[:, :2]))
         if closed:
             pts[-1] = pts[0]
         return pts.tolist()
     return [_map_coords(c, fn, depth - 1, step) for c in coords]
+
+
+def _finite(mapped: np.ndarray) -> np.ndarray:
+    """``mapped`` (N, 2) when every value is finite (a position far beyond the float32 range
+    of the fields maps to inf, which JSON cannot hold)."""
+    if not np.isfinite(mapped).all():
+        raise ValueError("a position maps beyond the range of numbers")
+    return mapped
 
 
 _DEPTH = {

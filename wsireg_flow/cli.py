@@ -59,8 +59,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    if args.config is not None and getattr(args, "out", None) is not None:
-        check_not_over_inputs(args.out, [args.config])  # --overwrite would delete it
     cfg = load_config(args.config)
     if getattr(args, "pixel_size", None) is not None:
         try:
@@ -610,6 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if quiet not in before:
             os.environ["PYTHONWARNINGS"] = f"{before},{quiet}" if before else quiet
     try:
+        if getattr(args, "config", None) is not None and getattr(args, "out", None) is not None:
+            check_not_over_inputs(args.out, [args.config])  # the config is an input of all
         with _interrupts(args.command):
             return int(args.func(args) or 0)
     except WsiregError as exc:

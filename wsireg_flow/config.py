@@ -196,22 +196,33 @@ class DaskConfig(_Section):
     memory_limit: str = Field(
         "auto",
         description="Per-worker memory limit of a LocalCluster ('auto': the machine's memory "
-        "divided among the workers; or e.g. '4GB').",
+        "divided among the workers; a share such as '0.5'; '0': none; or a size such as '4GB').",
     )
 
     @field_validator("memory_limit")
     @classmethod
     def _memory_limit_bytes(cls, value: str) -> str:
+        """As Dask reads it: 'auto', a share of the machine's memory (0 < f <= 1), 0 for no
+        limit, or a size with its unit; a bare number above 1 would be bytes (a forgotten
+        unit), refused."""
         from dask.utils import parse_bytes
 
         if value == "auto":
             return value
         try:
+            share = float(value)
+        except ValueError:
+            share = None
+        if share is not None:
+            if 0 <= share <= 1:
+                return value
+            raise ValueError("must be 'auto', a share of memory in (0, 1], 0 or a size with a unit")
+        try:
             size = parse_bytes(value)
         except (ValueError, TypeError):
             size = 0
-        if size <= 0:
-            raise ValueError("must be 'auto' or a size such as '4GB'")
+        if size < 2**27:
+            raise ValueError("must be 'auto', a share of memory or a size of at least 128MiB")
         return value
 
 
@@ -255,14 +266,16 @@ def _refuse_duplicate_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
         return
     seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        keys: set[tuple[str, str]] = set()
+        keys: set[Any] = set()
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if (key.tag, key.value) in keys:
+                # the key as the safe loader reads it: `yes` and `true`, `1` and `1.0` are one
+                as_read = yaml.constructor.SafeConstructor().construct_object(key)
+                if as_read in keys:
                     raise yaml.YAMLError(
                         f"key {key.value!r} is given twice (line {key.start_mark.line + 1})"
                     )
-                keys.add((key.tag, key.value))
+                keys.add(as_read)
             _refuse_duplicate_keys(value, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:

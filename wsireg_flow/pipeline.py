@@ -141,10 +141,7 @@ class PairJob:
             "evaluate",
             f["stitch"],
             file_fingerprint(self.target_landmarks),
-            file_fingerprint(self.source_landmarks),
-            # the paths too: metrics.json records them (another file, same points: rewritten)
-            resolved_path(self.target_landmarks),
-            resolved_path(self.source_landmarks),
+            file_fingerprint(self.source_landmarks),  # path, size and time: moved files too
             self.diagonal,
         )
         f["qc"] = fingerprint("qc", f["warp"], f["evaluate"])
@@ -165,7 +162,7 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     check_writable_dir(d)
     check_unlocked(d)
     if overwrite and holds_results(d):
-        check_replaceable(d)
+        check_replaceable(d, "register run")
     if not overwrite and holds_results(d) and not holds_this_job(job):
         raise WsiregError(_another_job(job), d)
 
@@ -185,7 +182,7 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
         if not overwrite and not holds_this_job(job):
             raise WsiregError(_another_job(job), d)
         if overwrite:
-            check_replaceable(d)
+            check_replaceable(d, "register run")
             empty_run_dir(d)
         else:
             remove_partials(d)

@@ -216,7 +216,7 @@ def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     check_writable_dir(job.run_dir)
     check_unlocked(job.run_dir)
     if overwrite:
-        check_replaceable(job.run_dir)
+        check_replaceable(job.run_dir, "stack run")
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -233,7 +233,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
         if not same and not overwrite:
             raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
         if overwrite:
-            check_replaceable(d)
+            check_replaceable(d, "stack run")
             empty_run_dir(d)
         else:
             remove_partials(d)

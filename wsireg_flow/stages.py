@@ -138,48 +138,86 @@ def check_not_over_inputs(
             raise WsiregError(f"is inside the input {p}: choose another output", out)
 
 
-# what every wsireg-flow output directory holds from its start: a pair run's job.json, a
-# stack's stack.json, stage markers, a synthetic pair's synth.json (or its work folder)
-_OUTPUT_MARKERS = frozenset({"job.json", "stack.json", MARKER_DIR, "synth.json", ".work"})
+# the top-level entries of each kind of folder wsireg-flow writes (besides its lock file and
+# the temporary names of interrupted writes): `--overwrite` replaces nothing else
+OUTPUT_ENTRIES: dict[str, frozenset[str]] = {
+    "register run": frozenset(
+        {
+            "job.json",
+            MARKER_DIR,
+            "ingest",
+            "preprocess.npz",
+            "coarse.json",
+            "nonrigid",
+            "stitch.json",
+            "transform",
+            "warped.zarr",
+            "warped-source-landmarks.csv",
+            "warped-target-landmarks.csv",
+            "metrics.json",
+            "qc",
+        }
+    ),
+    "stack run": frozenset({"stack.json", MARKER_DIR, "pairs", "sections", "metrics.json", "qc"}),
+    "synthetic pair": frozenset(
+        {
+            "synth.json",
+            ".work",
+            "target.ome.tif",
+            "source.ome.tif",
+            "truth",
+            "target.csv",
+            "source.csv",
+            "pairs.csv",
+        }
+    ),
+}
+_PYRAMID = "OME-Zarr pyramid"
 
 
-def is_wsireg_output(path: Path) -> bool:
-    """Whether ``path`` may be replaced by ``--overwrite``: missing, an empty directory (a lock
-    file aside), a run or synthetic-pair directory, or an OME-Zarr pyramid this package wrote
-    (its ``.zattrs`` carry a ``wsireg_flow`` entry)."""
-    if not path.exists():
-        return True
-    if not path.is_dir():
-        return False
-    names = {p.name for p in path.iterdir()} - {LOCK_NAME}
-    if not names or names & _OUTPUT_MARKERS:
-        return True
-    try:
-        return "wsireg_flow" in json.loads((path / ".zattrs").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+def _foreign_entries(path: Path, kind: str) -> list[str]:
+    """Entries of the folder ``path`` that wsireg-flow does not write in a ``kind`` folder."""
+    names = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not is_partial(p.name))
+    if kind == _PYRAMID:
+        try:
+            ours = "wsireg_flow" in json.loads((path / ".zattrs").read_text())
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:  # another tool's pyramid (or none): nothing in it is ours
+            return names
+        return [n for n in names if n not in (".zattrs", ".zgroup") and not n.isdigit()]
+    return [n for n in names if n not in OUTPUT_ENTRIES[kind]]
 
 
-def check_replaceable(path: str | os.PathLike[str]) -> None:
-    """Refuse to let ``--overwrite`` empty or replace a directory that is not a wsireg-flow
-    output (a user's folder, another tool's pyramid): it would delete files this package did
-    not write.
+def check_replaceable(path: str | os.PathLike[str], kind: str = _PYRAMID) -> None:
+    """Refuse to let ``--overwrite`` (or a replaced inbox job) empty or replace the folder
+    ``path`` unless it holds only what wsireg-flow writes in a ``kind`` folder (a key of
+    :data:`OUTPUT_ENTRIES`, or an OME-Zarr pyramid it wrote). A missing or empty folder is
+    fine; a symbolic link is refused (replacing it would replace the link, not the folder).
+    Whether a run is writing to it is :func:`check_unlocked`'s to say.
 
     Raises
     ------
     WsiregError
-        Naming the directory and a few of the entries it holds.
+        Naming the folder and a few of the entries wsireg-flow did not write.
     """
     p = Path(path)
-    if is_wsireg_output(p):
+    if p.is_symlink():
+        raise WsiregError("is a symbolic link: give the folder it points to", p)
+    if not p.exists():
         return
-    held = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
-    shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-    raise WsiregError(
-        f"is not a wsireg-flow output (holds {shown}): --overwrite replaces only what "
-        "wsireg-flow wrote; choose another output or empty it yourself",
-        p,
-    )
+    if not p.is_dir():
+        raise WsiregError("exists and is not a directory", p)
+    foreign = _foreign_entries(p, kind)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise WsiregError(
+            f"holds {shown}, which no {kind} of wsireg-flow holds: only what wsireg-flow wrote "
+            "is replaced; choose another output or empty it yourself",
+            p,
+        )
 
 
 def check_file_output(

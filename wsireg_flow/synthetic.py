@@ -38,7 +38,7 @@ from wsireg_flow.io.omezarr import write_ngff_pyramid
 from wsireg_flow.io.slide import Slide, open_slide
 from wsireg_flow.landmarks import Pair, image_diagonal, write_landmarks, write_pair_table
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.stages import check_replaceable, check_writable_dir
+from wsireg_flow.stages import check_replaceable, check_unlocked, check_writable_dir
 from wsireg_flow.transform import Transform
 from wsireg_flow.warp import warp_slide
 
@@ -218,7 +218,8 @@ def synthesize_pair(
     if d.exists() and any(d.iterdir()):
         if not overwrite:
             raise WsiregError("output exists (use --overwrite to replace it)", d)
-        check_replaceable(d)
+        check_unlocked(d)
+        check_replaceable(d, "synthetic pair")
         shutil.rmtree(d)
     work = d / ".work"
     work.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,10 @@ def remap_linear(plane: np.ndarray, m1: np.ndarray, m2: np.ndarray, fill: int) -
         return out >= 0.5
     if np.issubdtype(plane.dtype, np.integer):
         info = np.iinfo(plane.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
+        # the largest float64 that converts back: 2**63 - 1 and 2**64 - 1 round up past the
+        # dtype and would wrap (64-bit values above 2**53 are interpolated to float64 precision)
+        top = np.nextafter(np.float64(info.max), 0) if info.bits == 64 else info.max
+        out = np.clip(np.rint(out), info.min, top)
     return out.astype(plane.dtype)
 
 

@@ -46,6 +46,7 @@ from wsireg_flow.pyramid import downsample2_cyx, pyramid_shapes
 from wsireg_flow.stages import (
     check_not_over_inputs,
     check_replaceable,
+    check_unlocked,
     check_writable_dir,
     temp_sibling,
 )
@@ -191,6 +192,7 @@ def write_ngff_pyramid(
     downsamples = [(2.0**k, 2.0**k) for k in range(len(shapes))]  # exact, whatever the sizes
     check_writable_dir(out)
     if overwrite:
+        check_unlocked(out)  # a run writing there now
         check_replaceable(out)  # replace a pyramid, never a user's folder
     with atomic_directory(out, overwrite) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
