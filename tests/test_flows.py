@@ -281,6 +281,38 @@ def test_cli_rerun_of_a_finished_stack_does_nothing_before_prefect(
     assert metrics.stat().st_mtime_ns == before
 
 
+def test_other_landmark_files_rerun_a_finished_stack_without_registering_again(
+    stack_runs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A stack given its landmark files under another path was refused as another job (every
+    pair would have been registered again); without landmarks, the warped landmark files of
+    the earlier run stayed beside the sections."""
+    import shutil
+
+    from flows.stack import register_stack
+
+    job: StackJob = stack_runs["job"]
+    run = tmp_path / "stack"
+    shutil.copytree(job.run_dir, run)
+    moved = []
+    for lm in job.landmarks or []:
+        moved.append(tmp_path / lm.name)
+        shutil.copy(lm, moved[-1])
+    again = register_stack(StackJob(job.sections, run, Config(), reference=2, landmarks=moved))
+    ran = {k for k, v in again["ran"].items() if v}
+    # no pair registered again: each pair re-scored, each section redone, the report rewritten
+    assert ran == {
+        *(f"{p}/evaluate" for p in ("00-onto-01", "01-onto-02", "03-onto-02")),
+        *(k for k in again["ran"] if k.startswith("section-")),
+        "report",
+    }
+    assert again["metrics"]["sections"] == stack_runs["first"]["metrics"]["sections"]
+    assert len(list((run / "sections").glob("*-landmarks.csv"))) == 4
+    bare = register_stack(StackJob(job.sections, run, Config(), reference=2, landmarks=None))
+    assert not list((run / "sections").glob("*-landmarks.csv"))
+    assert all("median_rtre" not in s for s in bare["metrics"]["sections"])
+
+
 def test_stack_landmarks_move_toward_the_reference(stack_runs: dict[str, Any]) -> None:
     sections = stack_runs["first"]["metrics"]["sections"]
     assert len(sections) == 4

@@ -194,8 +194,9 @@ def _describe(job: StackJob) -> dict[str, Any]:
 
 
 def holds_this_stack(job: StackJob) -> bool:
-    """Whether the run directory's ``stack.json`` records this stack (sections, reference,
-    landmarks; paths compared resolved)."""
+    """Whether the run directory's ``stack.json`` records this stack: its sections and
+    reference (paths compared resolved). Other landmark files re-run the stages that read them
+    (their fingerprints record the files)."""
     f = job.run_dir / "stack.json"
     try:
         old = json.loads(f.read_text()) if f.is_file() else None
@@ -204,8 +205,9 @@ def holds_this_stack(job: StackJob) -> bool:
     if not isinstance(old, dict):
         return False
     # records written before paths were resolved hold them as typed
-    old = {k: _resolved(v) if k in ("sections", "landmarks") else v for k, v in old.items()}
-    return all(old.get(k) == v for k, v in _describe(job).items())
+    old = {k: _resolved(v) if k == "sections" else v for k, v in old.items()}
+    new = _describe(job)
+    return all(old.get(k) == new[k] for k in ("sections", "reference"))
 
 
 def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -267,9 +269,11 @@ def warp_section(job: StackJob, k: int, progress: ProgressFn | None = None) -> b
             {"section": str(job.sections[k]), "chain": pairs, "reference": job.ref},
         )
         outputs = [f"sections/{name}.zarr", f"sections/{name}.json"]
+        warped_landmarks = job.run_dir / "sections" / f"{name}-landmarks.csv"
+        warped_landmarks.unlink(missing_ok=True)  # of an earlier run with landmarks
         if job.landmarks:
             pts = corner_origin(chain.source_to_target)(read_landmarks(job.landmarks[k]))
-            write_landmarks(job.run_dir / "sections" / f"{name}-landmarks.csv", pts)
+            write_landmarks(warped_landmarks, pts)
             outputs.append(f"sections/{name}-landmarks.csv")
         return outputs
 
