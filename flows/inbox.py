@@ -34,6 +34,7 @@ from wsireg_flow.config import load_config
 from wsireg_flow.errors import ConfigError
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PairJob, check_inputs, holds_this_job
+from wsireg_flow.qc import run_warnings
 from wsireg_flow.stack import StackJob, collect_sections, holds_this_stack
 from wsireg_flow.stages import exclusive_lock, holds_results
 
@@ -197,15 +198,25 @@ def run_manifest(
     if isinstance(job, PairJob):
         ran = register_pair(job, overwrite=replace)
         metrics = json.loads((out / "metrics.json").read_text())
-        return {
+        record: dict[str, Any] = {
             "kind": "pair",
             "out": str(out),
             "stages_run": [k for k, v in ran.items() if v],
             "landmarks": metrics.get("landmarks"),
             "replaced": replace,
         }
-    result = register_stack(job, overwrite=replace)
-    return {"kind": "stack", "out": str(out), "metrics": result["metrics"], "replaced": replace}
+    else:
+        result = register_stack(job, overwrite=replace)
+        record = {
+            "kind": "stack",
+            "out": str(out),
+            "metrics": result["metrics"],
+            "replaced": replace,
+        }
+    record["warnings"] = run_warnings(out)  # a result to look at (done/ all the same)
+    for warning in record["warnings"]:
+        (logger or logging.getLogger(__name__)).warning("job %s: %s", path.name, warning)
+    return record
 
 
 def run_and_file(

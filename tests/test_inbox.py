@@ -470,3 +470,28 @@ def test_keys_of_the_other_manifest_kind_are_refused(
         load_manifest(path)
     assert problem in str(exc.value) and "\n" not in str(exc.value)
     assert str(exc.value).startswith(str(path))
+
+
+def test_a_job_worth_a_look_is_done_with_its_warnings(tmp_path: Path) -> None:
+    """`register` warned of a source at 0.3x the target's resolution; the same job dropped in
+    the inbox went to done/ without a word. Its result now lists the warnings, and the flow
+    logs them (`serve --once` prints them on stderr)."""
+    import cv2
+
+    from flows.inbox import process_inbox, warnings_to
+
+    root, box, runs = _setup(tmp_path)
+    small = cv2.resize(cv2.imread(str(SOURCE)), None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(root / "case" / "small.png"), small)
+    _age(root)
+    text = f"kind: pair\ntarget: case/{TARGET.name}\nsource: case/small.png\n"
+    _drop(box, "job.yaml", text)
+    stderr = io.StringIO()
+    with warnings_to(stderr):  # as `serve --once` runs it
+        summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+    assert summary == {"done": ["job.yaml"], "failed": [], "waiting": []}
+    result = json.loads((box / "done" / "job.result.json").read_text())
+    assert result["warnings"][0].startswith("the tissue areas imply a scale of 0.29,")
+    assert stderr.getvalue().splitlines() == [
+        f"wsireg-flow: warning: job job.yaml: {w}" for w in result["warnings"]
+    ]

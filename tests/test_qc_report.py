@@ -327,3 +327,26 @@ def test_confidence_maps_share_a_fixed_scale_with_a_colour_bar(tmp_path: Path) -
     centre = {k: int(g[g.shape[0] // 2, g.shape[1] // 3]) for k, g in gray.items()}
     assert centre["o"] < 10  # magma's low end: black
     assert centre["s"] > 40  # 0.43 on a 0..1 scale: magma's purple
+
+
+def test_run_warnings_reads_a_register_run_or_every_pair_of_a_stack(tmp_path: Path) -> None:
+    from wsireg_flow.qc import run_warnings
+
+    def metrics(ok: int) -> dict[str, Any]:
+        statuses = {"ok": ok, "no gain": 3} if ok else {"no gain": 3, "no tissue": 2}
+        return {"rigid": {"method": "x", "notes": []}, "levels": [{"statuses": statuses}]}
+
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    (pair / "metrics.json").write_text(json.dumps(metrics(0)))
+    assert run_warnings(pair) == [
+        "no tile on tissue registered at any level (3 no gain, 2 no tissue): the result is "
+        "the coarse alignment alone; look at qc/overlay.png"
+    ]
+    stack = tmp_path / "stack"
+    for name, ok in (("00-onto-01", 2), ("02-onto-01", 0)):
+        (stack / "pairs" / name).mkdir(parents=True)
+        (stack / "pairs" / name / "metrics.json").write_text(json.dumps(metrics(ok)))
+    (stack / "stack.json").write_text("{}")
+    (warning,) = run_warnings(stack)
+    assert warning.startswith("pair 02-onto-01: no tile on tissue registered")

@@ -121,7 +121,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         check_run_dir,
         job_is_complete,
     )
-    from wsireg_flow.qc import quality_warnings, registration_quality
+    from wsireg_flow.qc import registration_quality, run_warnings
 
     cfg = _config(args)
     job = PairJob(
@@ -152,7 +152,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
     metrics = json.loads((args.out / "metrics.json").read_text())
     quality = registration_quality(metrics)
-    for warning in quality_warnings(metrics):
+    for warning in run_warnings(args.out):
         LOG.warning("%s: %s", args.out, warning)
     summary: dict[str, object] = {
         "out": str(args.out),
@@ -200,6 +200,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
         with prefect_api():
             result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
+    from wsireg_flow.qc import run_warnings
+
+    for warning in run_warnings(args.out):
+        LOG.warning("%s: %s", args.out, warning)
     summary = {
         "out": str(args.out),
         "reference": job.name(job.ref),

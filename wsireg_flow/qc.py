@@ -8,6 +8,7 @@ All images are low-resolution previews (the target level closest to ``size`` px)
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -351,6 +352,20 @@ def quality_warnings(metrics: dict[str, Any]) -> list[str]:
             "alignment alone; look at qc/overlay.png"
         )
     return found
+
+
+def run_warnings(run_dir: Path) -> list[str]:
+    """:func:`quality_warnings` of a finished register run, or of every pair of a stack run
+    (each prefixed with the pair's folder name)."""
+    pairs = run_dir / "pairs"
+    if (run_dir / "stack.json").is_file() and pairs.is_dir():
+        return [
+            f"pair {d.name}: {w}"
+            for d in sorted(pairs.iterdir())
+            if (d / "metrics.json").is_file()
+            for w in quality_warnings(json.loads((d / "metrics.json").read_text()))
+        ]
+    return quality_warnings(json.loads((run_dir / "metrics.json").read_text()))
 
 
 def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, object]]:
