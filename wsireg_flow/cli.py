@@ -176,6 +176,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_stack(args: argparse.Namespace) -> int:
     """`wsireg-flow stack`: register serial sections to a reference section."""
+    from wsireg_flow.qc import run_warnings
     from wsireg_flow.stack import StackJob, check_stack_dir, collect_sections, stack_is_complete
 
     cfg = _config(args)
@@ -200,8 +201,6 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
         with prefect_api():
             result = register_stack(job, overwrite=args.overwrite, echo=_progress(args))
-    from wsireg_flow.qc import run_warnings
-
     for warning in run_warnings(args.out):
         LOG.warning("%s: %s", args.out, warning)
     summary = {
