@@ -121,7 +121,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         check_run_dir,
         job_is_complete,
     )
-    from wsireg_flow.qc import registration_quality, run_warnings
+    from wsireg_flow.qc import quality_warnings, registration_quality
 
     cfg = _config(args)
     job = PairJob(
@@ -152,7 +152,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             ran = register_pair(job, overwrite=args.overwrite, echo=_progress(args))
     metrics = json.loads((args.out / "metrics.json").read_text())
     quality = registration_quality(metrics)
-    for warning in run_warnings(args.out):
+    for warning in quality_warnings(metrics):
         LOG.warning("%s: %s", args.out, warning)
     summary: dict[str, object] = {
         "out": str(args.out),

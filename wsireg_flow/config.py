@@ -258,10 +258,11 @@ def config_from_dict(data: dict[str, Any], source: str | os.PathLike[str] | None
         raise ConfigError(f"invalid configuration: {_format_errors(exc)}", source) from None
 
 
-def _refuse_duplicate_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
+def _refuse_duplicate_keys(node: yaml.Node, loader: yaml.SafeLoader, seen_nodes: set[int]) -> None:
     """Raise ``yaml.YAMLError`` when a mapping under ``node`` gives a key twice (PyYAML keeps
     the last and drops the first without a word: a second ``nonrigid:`` block silently undid
-    the first). Merge keys (``<<: *anchor``) may still be overridden."""
+    the first). Keys are compared as ``loader`` reads them (``yes`` and ``true``, ``1`` and
+    ``1.0`` are one); merge keys (``<<: *anchor``) may still be overridden."""
     if id(node) in seen_nodes:  # an alias of a node already checked
         return
     seen_nodes.add(id(node))
@@ -269,25 +270,32 @@ def _refuse_duplicate_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
         keys: set[Any] = set()
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                # the key as the safe loader reads it: `yes` and `true`, `1` and `1.0` are one
-                as_read = yaml.constructor.SafeConstructor().construct_object(key)
+                as_read = loader.construct_object(key)
                 if as_read in keys:
                     raise yaml.YAMLError(
                         f"key {key.value!r} is given twice (line {key.start_mark.line + 1})"
                     )
                 keys.add(as_read)
-            _refuse_duplicate_keys(value, seen_nodes)
+            _refuse_duplicate_keys(value, loader, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _refuse_duplicate_keys(item, seen_nodes)
+            _refuse_duplicate_keys(item, loader, seen_nodes)
 
 
 def load_yaml(text: str) -> Any:
-    """Parse YAML with the safe loader, refusing duplicate keys (raises ``yaml.YAMLError``)."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: nothing is constructed
-    if node is not None:
-        _refuse_duplicate_keys(node, set())
-    return yaml.safe_load(text)
+    """Parse YAML with the safe loader, refusing duplicate keys (raises ``yaml.YAMLError``).
+
+    One parse, as ``yaml.safe_load`` does it, with the node tree checked before the document
+    is constructed from it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, loader, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -50,6 +50,7 @@ from wsireg_flow.register import (
     stitch_level,
 )
 from wsireg_flow.stages import (
+    MARKER_DIR,
     check_not_over_inputs,
     check_replaceable,
     check_unlocked,
@@ -83,6 +84,13 @@ PAIR_STAGES = (
     "evaluate",
     "qc",
 )
+# everything a run directory holds at its top level (lock and temporary names aside): what
+# `--overwrite` may replace
+RUN_ENTRIES = frozenset(
+    {"job.json", MARKER_DIR, "ingest", "preprocess.npz", "coarse.json", "nonrigid",
+     "stitch.json", "transform", "warped.zarr", "warped-source-landmarks.csv",
+     "warped-target-landmarks.csv", "metrics.json", "qc"}
+)  # fmt: skip
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -162,7 +170,7 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     check_writable_dir(d)
     check_unlocked(d)
     if overwrite and holds_results(d):
-        check_replaceable(d, "register run")
+        check_replaceable(d, "register run", RUN_ENTRIES)
     if not overwrite and holds_results(d) and not holds_this_job(job):
         raise WsiregError(_another_job(job), d)
 
@@ -182,7 +190,7 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
         if not overwrite and not holds_this_job(job):
             raise WsiregError(_another_job(job), d)
         if overwrite:
-            check_replaceable(d, "register run")
+            check_replaceable(d, "register run", RUN_ENTRIES)
             empty_run_dir(d)
         else:
             remove_partials(d)

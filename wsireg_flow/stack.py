@@ -36,6 +36,7 @@ from wsireg_flow.pipeline import PairJob, job_is_complete, validate_landmarks
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, overlay, preview, registration_quality, save_figure
 from wsireg_flow.stages import (
+    MARKER_DIR,
     check_not_over_inputs,
     check_replaceable,
     check_unlocked,
@@ -62,6 +63,8 @@ PAIR_STAGES_FOR_STACK = (
     "stitch",
     "evaluate",
 )
+# everything a stack run directory holds at its top level: what `--overwrite` may replace
+STACK_ENTRIES = frozenset({"stack.json", MARKER_DIR, "pairs", "sections", "metrics.json", "qc"})
 IMAGE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".jpg", ".jpeg", ".png", ".zarr")
 
 
@@ -218,7 +221,7 @@ def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     check_writable_dir(job.run_dir)
     check_unlocked(job.run_dir)
     if overwrite:
-        check_replaceable(job.run_dir, "stack run")
+        check_replaceable(job.run_dir, "stack run", STACK_ENTRIES)
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -235,7 +238,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
         if not same and not overwrite:
             raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
         if overwrite:
-            check_replaceable(d, "stack run")
+            check_replaceable(d, "stack run", STACK_ENTRIES)
             empty_run_dir(d)
         else:
             remove_partials(d)

@@ -138,47 +138,14 @@ def check_not_over_inputs(
             raise WsiregError(f"is inside the input {p}: choose another output", out)
 
 
-# the top-level entries of each kind of folder wsireg-flow writes (besides its lock file and
-# the temporary names of interrupted writes): `--overwrite` replaces nothing else
-OUTPUT_ENTRIES: dict[str, frozenset[str]] = {
-    "register run": frozenset(
-        {
-            "job.json",
-            MARKER_DIR,
-            "ingest",
-            "preprocess.npz",
-            "coarse.json",
-            "nonrigid",
-            "stitch.json",
-            "transform",
-            "warped.zarr",
-            "warped-source-landmarks.csv",
-            "warped-target-landmarks.csv",
-            "metrics.json",
-            "qc",
-        }
-    ),
-    "stack run": frozenset({"stack.json", MARKER_DIR, "pairs", "sections", "metrics.json", "qc"}),
-    "synthetic pair": frozenset(
-        {
-            "synth.json",
-            ".work",
-            "target.ome.tif",
-            "source.ome.tif",
-            "truth",
-            "target.csv",
-            "source.csv",
-            "pairs.csv",
-        }
-    ),
-}
-_PYRAMID = "OME-Zarr pyramid"
+PYRAMID = "OME-Zarr pyramid"
 
 
-def _foreign_entries(path: Path, kind: str) -> list[str]:
-    """Entries of the folder ``path`` that wsireg-flow does not write in a ``kind`` folder."""
+def _foreign_entries(path: Path, entries: frozenset[str] | None) -> list[str]:
+    """Entries of the folder ``path`` that are not among ``entries`` (None: an OME-Zarr
+    pyramid wsireg-flow wrote), its lock file and temporary names aside."""
     names = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not is_partial(p.name))
-    if kind == _PYRAMID:
+    if entries is None:
         try:
             ours = "wsireg_flow" in json.loads((path / ".zattrs").read_text())
         except (OSError, ValueError, TypeError):
@@ -186,15 +153,18 @@ def _foreign_entries(path: Path, kind: str) -> list[str]:
         if not ours:  # another tool's pyramid (or none): nothing in it is ours
             return names
         return [n for n in names if n not in (".zattrs", ".zgroup") and not n.isdigit()]
-    return [n for n in names if n not in OUTPUT_ENTRIES[kind]]
+    return [n for n in names if n not in entries]
 
 
-def check_replaceable(path: str | os.PathLike[str], kind: str = _PYRAMID) -> None:
+def check_replaceable(
+    path: str | os.PathLike[str], kind: str = PYRAMID, entries: frozenset[str] | None = None
+) -> None:
     """Refuse to let ``--overwrite`` (or a replaced inbox job) empty or replace the folder
-    ``path`` unless it holds only what wsireg-flow writes in a ``kind`` folder (a key of
-    :data:`OUTPUT_ENTRIES`, or an OME-Zarr pyramid it wrote). A missing or empty folder is
-    fine; a symbolic link is refused (replacing it would replace the link, not the folder).
-    Whether a run is writing to it is :func:`check_unlocked`'s to say.
+    ``path`` unless it holds only what wsireg-flow writes in a ``kind`` folder: the top-level
+    ``entries`` its writer declares (the default: an OME-Zarr pyramid whose ``.zattrs`` say
+    wsireg-flow wrote it). A missing or empty folder is fine; a symbolic link is refused
+    (replacing it would replace the link, not the folder). Whether a run is writing to it is
+    :func:`check_unlocked`'s to say.
 
     Raises
     ------
@@ -208,7 +178,7 @@ def check_replaceable(path: str | os.PathLike[str], kind: str = _PYRAMID) -> Non
         return
     if not p.is_dir():
         raise WsiregError("exists and is not a directory", p)
-    foreign = _foreign_entries(p, kind)
+    foreign = _foreign_entries(p, entries)
     if foreign:
         shown = ", ".join(foreign[:3]) + (
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""

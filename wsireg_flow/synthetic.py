@@ -105,6 +105,12 @@ _GLASS = np.array([0.02, 0.02, 0.025], np.float32)
 # bumped when the images or landmarks a seed gives change, so cached pairs are made again
 # (3: landmark files with the corner origin of ANHIR / ImageJ)
 GENERATOR_VERSION = 3
+# everything a synthetic pair's folder holds (`.work` while it is written): what `--overwrite`
+# may replace
+SYNTH_ENTRIES = frozenset(
+    {"synth.json", ".work", "target.ome.tif", "source.ome.tif", "truth", "target.csv",
+     "source.csv", "pairs.csv"}
+)  # fmt: skip
 
 
 def colorize(density: np.ndarray, stain: str) -> np.ndarray:
@@ -219,7 +225,7 @@ def synthesize_pair(
         if not overwrite:
             raise WsiregError("output exists (use --overwrite to replace it)", d)
         check_unlocked(d)
-        check_replaceable(d, "synthetic pair")
+        check_replaceable(d, "synthetic pair", SYNTH_ENTRIES)
         shutil.rmtree(d)
     work = d / ".work"
     work.mkdir(parents=True, exist_ok=True)
