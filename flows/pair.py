@@ -19,6 +19,7 @@ from wsireg_flow.pipeline import (
     PAIR_STAGES,
     PairJob,
     check_inputs,
+    check_run_dir,
     prepare_run_dir,
     run_pair_stage,
 )
@@ -50,6 +51,7 @@ def register_pair(
 ) -> dict[str, bool]:
     """Register a pair; returns {stage: ran}. The Dask cluster comes from ``job.cfg.dask``."""
     check_inputs(job)
+    check_run_dir(job, overwrite)  # before the lock file is created in a folder it refuses
     created = not job.run_dir.exists()
     with run_dir_lock(job.run_dir):
         prepare_run_dir(job, overwrite)

@@ -22,6 +22,7 @@ from wsireg_flow.progress import ProgressFn
 from wsireg_flow.stack import (
     PAIR_STAGES_FOR_STACK,
     StackJob,
+    check_stack_dir,
     pairs_left,
     prepare_stack_dir,
     stack_report,
@@ -87,6 +88,7 @@ def register_stack(
 ) -> dict[str, Any]:
     """Register a stack of sections to its reference; returns stage counts and metrics."""
     job.validate()
+    check_stack_dir(job, overwrite)  # before the lock file is created in a folder it refuses
     created = not job.run_dir.exists()
     with run_dir_lock(job.run_dir):
         prepare_stack_dir(job, overwrite)

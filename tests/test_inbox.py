@@ -365,6 +365,24 @@ def test_success_after_a_failure_removes_the_failure_files(tmp_path: Path) -> No
     assert {".job.yaml", "notes.y.html"} <= set(_names(box))
 
 
+def test_a_users_folder_in_the_runs_folder_is_left_as_it_was(tmp_path: Path) -> None:
+    """A job whose run folder was a user's folder failed (right), but left ``.wsireg.lock``
+    in it: the lock was taken before the folder was checked."""
+    from flows.inbox import process_inbox
+
+    root, box, runs = _setup(tmp_path)
+    for name, manifest in (("pair", PAIR), ("stack", "kind: stack\nfolder: case\n")):
+        mine = runs / name
+        mine.mkdir(parents=True)
+        (mine / "notes.txt").write_text("important\n")
+        _drop(box, f"{name}.yaml", manifest)
+        summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+        assert summary["failed"] == [f"{name}.yaml"], summary
+        reason = (box / "failed" / f"{name}.reason.txt").read_text()
+        assert f"{mine}: holds notes.txt, which no " in reason, reason
+        assert _names(mine) == ["notes.txt"]
+
+
 # -- 5. `serve --once` exit status ----------------------------------------------------------------
 def _serve_once(box: Path, root: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
     from wsireg_flow.cli import main

@@ -290,3 +290,32 @@ def test_stack_and_anhir_refuse_bad_input_before_starting_prefect(
     code, err = _cli([*argv, "--out", str(tmp_path / "a")])
     _refused(code, err, table, "no pairs selected (none has status 'evaluation')")
     assert not (tmp_path / "s").exists() and not (tmp_path / "a").exists()
+    # a folder holding other things is refused before Prefect too, and left as it was (the
+    # refusal used to come from inside the flow, after the run's lock file was created in it)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important\n")
+    code, err = _cli(["stack", str(inputs / "a.jpg"), str(inputs / "b.jpg"), "--out", str(mine)])
+    _refused(code, err, mine, "run directory exists and holds other results")
+    assert _names(mine) == ["notes.txt"]
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_refused_folder_gets_no_lock_file(inputs: Path, tmp_path: Path) -> None:
+    """Runs started from the library (as inbox jobs are) took the run's lock, creating
+    ``.wsireg.lock`` in the folder, before refusing it: a user's folder kept that file."""
+    from wsireg_flow.config import Config
+    from wsireg_flow.errors import WsiregError
+    from wsireg_flow.pipeline import PairJob, run_pair
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important\n")
+    job = PairJob(inputs / "a.jpg", inputs / "b.jpg", mine, Config())
+    for overwrite, problem in ((False, "holds other results"), (True, "holds notes.txt")):
+        with pytest.raises(WsiregError, match=problem):
+            run_pair(job, overwrite=overwrite)
+        assert _names(mine) == ["notes.txt"]

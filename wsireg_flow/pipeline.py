@@ -574,6 +574,7 @@ def run_pair(
     """Run ``stages`` (default: every stage) of ``job`` in order, without Prefect; returns
     {stage: ran}."""
     check_inputs(job)
+    check_run_dir(job, overwrite)  # before the lock file is created in a folder it refuses
     with run_dir_lock(job.run_dir):
         prepare_run_dir(job, overwrite)
         return {name: run_pair_stage(job, name, scheduler, progress) for name in stages}

@@ -213,6 +213,9 @@ def holds_this_stack(job: StackJob) -> bool:
     return all(old.get(k) == new[k] for k in ("sections", "reference"))
 
 
+OTHER_RESULTS = "run directory exists and holds other results (use --overwrite to replace it)"
+
+
 def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     """Refuse, before any work, a run directory that is or holds a section or landmark file,
     cannot be written, that another run is writing now, or (with ``overwrite``) that is not a
@@ -222,6 +225,8 @@ def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     check_unlocked(job.run_dir)
     if overwrite:
         check_replaceable(job.run_dir, "stack run", STACK_ENTRIES)
+    elif holds_results(job.run_dir) and not holds_this_stack(job):
+        raise WsiregError(OTHER_RESULTS, job.run_dir)
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -236,7 +241,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     if holds_results(d):
         same = holds_this_stack(job)
         if not same and not overwrite:
-            raise WsiregError("run directory exists and holds other results (use --overwrite)", d)
+            raise WsiregError(OTHER_RESULTS, d)
         if overwrite:
             check_replaceable(d, "stack run", STACK_ENTRIES)
             empty_run_dir(d)
