@@ -45,7 +45,7 @@ from wsireg_flow.landmarks import (
 from wsireg_flow.metrics import PairScore, aggregate, score_pair
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, holds_this_job, job_is_complete, run_pair
 from wsireg_flow.progress import ProgressFn
-from wsireg_flow.qc import new_figure, write_figure
+from wsireg_flow.qc import new_figure, run_warnings, write_figure
 from wsireg_flow.stages import holds_results, read_record
 
 # Published results on the 251 hidden evaluation pairs (ANHIR challenge paper re-evaluation).
@@ -311,6 +311,13 @@ def summary_markdown(summary: dict[str, Any], aggs: Sequence[dict[str, Any]]) ->
             f"| {_fmt(a['AArTRE'])} | {_fmt(a['AMxrTRE'])} | {_fmt(a['average_robustness'], 3)} "
             f"| {_fmt(a['initial_AMrTRE'])} |"
         )
+    if summary.get("warnings"):
+        lines += ["", "## Pairs to look at", ""]
+        lines += [
+            f"- pair {i}: {w} (`pairs/{i}/qc/`)"
+            for i, found in summary["warnings"].items()
+            for w in found
+        ]
     lines += [
         "",
         "## Beside the published ANHIR results",
@@ -360,6 +367,19 @@ def boxplot(path: Path, submission: Path, root: Path, rows: Sequence[dict[str, A
     ax.legend([b1["boxes"][0], b2["boxes"][0]], ["before", "after"])
     ax.set_title("ANHIR rTRE per pair")
     write_figure(fig, path, dpi=90)
+
+
+def pair_warnings(out: Path, outcomes: dict[str, PairOutcome]) -> dict[str, list[str]]:
+    """{pair index: its quality warnings} (:func:`wsireg_flow.qc.run_warnings`) for the
+    registered pairs that have any: pairs a person should look at before trusting the score."""
+    found = {}
+    for i, o in outcomes.items():
+        run_dir = out / "pairs" / i
+        if o.ok and (run_dir / "metrics.json").is_file():
+            warnings = run_warnings(run_dir)
+            if warnings:
+                found[i] = warnings
+    return found
 
 
 def write_outputs(
@@ -427,6 +447,7 @@ def write_outputs(
             summary[k] = None
     summary["failures"] = failures
     summary["unscorable"] = unscorable
+    summary["warnings"] = pair_warnings(out, outcomes)
     (out / "scores").mkdir(parents=True, exist_ok=True)
     (out / "scores" / "summary.md").write_text(
         summary_markdown(summary, aggs) if rows else "# no scored pairs\n"

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from flows.pair import register_pair
 from flows.stack import register_stack
 from wsireg_flow.config import load_config
-from wsireg_flow.errors import ConfigError
+from wsireg_flow.errors import ConfigError, OneLineFormatter
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PairJob, check_inputs, holds_this_job
 from wsireg_flow.qc import run_warnings
@@ -54,13 +54,6 @@ def inbox_lock(box: Path) -> AbstractContextManager[bool]:
     return exclusive_lock(box / LOCK_NAME)
 
 
-class OneLineFormatter(logging.Formatter):
-    """``wsireg-flow: warning: MESSAGE``, as the command line's other messages."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"wsireg-flow: {record.levelname.lower()}: {record.getMessage()}"
-
-
 @contextmanager
 def warnings_to(stream: TextIO) -> Iterator[None]:
     """Write the inbox flow's own warnings and errors to ``stream`` (one line each, prefixed
@@ -70,7 +63,7 @@ def warnings_to(stream: TextIO) -> Iterator[None]:
     handler = logging.StreamHandler(stream)
     handler.setLevel(logging.WARNING)
     handler.addFilter(lambda record: record.pathname == __file__)
-    handler.setFormatter(OneLineFormatter())
+    handler.setFormatter(OneLineFormatter(names=False))  # its own records only
     target = logging.getLogger("prefect.flow_runs")
     target.addHandler(handler)
     try:

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -178,7 +179,8 @@ def full(prefect_env: None, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 def test_full_run_exits_zero_and_prints_the_summary(full: dict[str, Any]) -> None:
     assert full["code"] == 0, full["stderr"]
-    assert full["stderr"] == ""
+    assert full["stderr"] == ""  # no quality warning either: all 8 pairs registered well
+    assert json.loads((full["out"] / "summary.json").read_text())["warnings"] == {}
     assert "MEVIS" in full["stdout"]
     assert "wsireg-flow (this run)" in full["stdout"]
 
@@ -613,3 +615,46 @@ def test_a_pair_resumed_part_way_reports_all_its_stages_time(tmp_path: Path) -> 
     assert outcome.ok
     # every stage's recorded time, the interrupted run's included (this run alone: ~2.6 s)
     assert outcome.minutes * 60 == pytest.approx(sum(seconds.values()), rel=1e-6)
+
+
+def test_a_pair_worth_a_look_is_named_in_the_report_and_on_stderr(tmp_path: Path) -> None:
+    """`anhir` printed no quality warning (register and stack did): a pair left at its coarse
+    alignment showed only in the figures and the per-pair scores. Here pair 0's source is
+    resized by 0.3 with no pixel size stated, beyond the scale range the coarse step searches.
+    The pair runs on a worker of the default local cluster, whose warnings (pair 0's landmark
+    files differ in length) came out as bare messages; they are one line each, as the CLI's."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    from wsireg_flow.config import SCHEDULER_ENV
+    from wsireg_flow.landmarks import read_landmarks, write_landmarks
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(DATA, dataset)
+    _, rows = _read_table(dataset / "dataset.csv")
+    first = next(r for r in rows if r[""] == "0")
+    source, source_lm = dataset / first["Source image"], dataset / first["Source landmarks"]
+    image = cv2.imread(str(source))
+    cv2.imwrite(str(source), cv2.resize(image, None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA))
+    write_landmarks(source_lm, (read_landmarks(source_lm) + 0.5) * 0.3 - 0.5)
+    out = tmp_path / "submission"
+    argv = _anhir_argv(dataset, dataset / "dataset.csv", out, "--limit", "1")
+    env = {k: v for k, v in os.environ.items() if k != SCHEDULER_ENV}
+
+    cmd = [sys.executable, "-m", "wsireg_flow.cli", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    found = summary["warnings"]["0"]
+    scale = float(found[0].removeprefix("the tissue areas imply a scale of ").split(",")[0])
+    assert scale == pytest.approx(0.3, abs=0.03), found
+    assert "no tile on tissue registered at any level" in found[1]
+    report = (out / "scores" / "summary.md").read_text()
+    assert f"- pair 0: {found[0]} (`pairs/0/qc/`)" in report
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith("wsireg-flow: warning: "), lines[0]  # from the worker process
+    assert "has 71 landmarks" in lines[0] and "rows 1-69 of each are paired" in lines[0]
+    assert lines[1:] == [f"wsireg-flow: warning: {out / 'pairs' / '0'}: {w}" for w in found]

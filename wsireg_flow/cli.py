@@ -29,7 +29,14 @@ from wsireg_flow.config import (
     is_scheduler,
     load_config,
 )
-from wsireg_flow.errors import ConfigError, InputError, OutputError, WsiregError, output_error
+from wsireg_flow.errors import (
+    ConfigError,
+    InputError,
+    OneLineFormatter,
+    OutputError,
+    WsiregError,
+    output_error,
+)
 from wsireg_flow.stages import check_not_over_inputs, check_writable_dir, limit_malloc_arenas
 from wsireg_flow.watchdog import descendants, start_watchdog, stop_watchdog
 
@@ -277,6 +284,9 @@ def cmd_anhir(args: argparse.Namespace) -> int:
             )
     print((args.out / "scores" / "summary.md").read_text())
     print(f"report: {args.out / 'scores' / 'summary.md'}  figures: {args.out / 'figures'}")
+    for index, warnings in summary["warnings"].items():
+        for warning in warnings:
+            LOG.warning("%s: %s", args.out / "pairs" / index, warning)
     if summary["failed_pairs"]:
         print(
             f"wsireg-flow: {summary['failed_pairs']} pair(s) failed: see "
@@ -595,7 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # says it; the run's logs still reach a Prefect server's API handler.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         logging.getLogger("prefect").propagate = False  # not to the root handler below
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # sys.stderr
+    handler.setFormatter(OneLineFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     if not args.debug:
         # a LocalCluster's scheduler, nannies and workers log every start and stop at INFO;

@@ -1,8 +1,10 @@
-"""Errors the command line reports as one line (no traceback unless ``--debug``)."""
+"""Errors the command line reports as one line (no traceback unless ``--debug``), and the
+one-line form of its warnings."""
 
 from __future__ import annotations
 
 import errno
+import logging
 from pathlib import Path
 
 # errors of writing that no retry heals: disk full, quota, read-only file system, permission
@@ -51,3 +53,18 @@ def output_error(exc: BaseException) -> OutputError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+class OneLineFormatter(logging.Formatter):
+    """``wsireg-flow: warning: MESSAGE``, as the command line's errors are written. A record
+    of another library's logger keeps that logger's name (``wsireg-flow: warning: NAME:
+    MESSAGE``) unless ``names`` is False (for a handler that filters its records itself)."""
+
+    def __init__(self, names: bool = True) -> None:
+        super().__init__()
+        self.names = names
+
+    def format(self, record: logging.LogRecord) -> str:
+        ours = record.name.split(".")[0] in ("wsireg_flow", "flows", "benchmarks_anhir")
+        where = f"{record.name}: " if self.names and not ours else ""
+        return f"wsireg-flow: {record.levelname.lower()}: {where}{record.getMessage()}"

@@ -66,6 +66,9 @@ class LocalClusterOnDemand:
                     scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 )
             self._client = Client(self._cluster)
+            from wsireg_flow.worker_logging import OneLineWarnings
+
+            self._client.register_plugin(OneLineWarnings())
         return self._client
 
     def close(self) -> None:
