@@ -46,7 +46,7 @@ from wsireg_flow.metrics import PairScore, aggregate, score_pair
 from wsireg_flow.pipeline import PAIR_STAGES, PairJob, holds_this_job, job_is_complete, run_pair
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import new_figure, run_warnings, write_figure
-from wsireg_flow.stages import holds_results, read_record
+from wsireg_flow.stages import check_unlocked, holds_results, read_record, run_dir_lock
 
 # Published results on the 251 hidden evaluation pairs (ANHIR challenge paper re-evaluation).
 PUBLISHED = [
@@ -494,6 +494,7 @@ def check_benchmark_dir(
     for marker, kind in (("job.json", "register"), ("stack.json", "stack")):
         if (out / marker).is_file():
             raise WsiregError(f"holds a {kind} run, not an ANHIR run: choose another --out", out)
+    check_unlocked(out)  # another anhir run writing there would fail the pairs it holds
     pairs = load_dataset(root, table, status, limit)
     if not pairs:  # before Prefect starts
         raise WsiregError(no_pairs_message(status), table)
@@ -541,10 +542,12 @@ def run_benchmark(
     pairs = load_dataset(root, table, status, limit)
     if not pairs:
         raise WsiregError(no_pairs_message(status), table)
-    out.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, PairOutcome] = {}
-    for k, p in enumerate(pairs):
-        outcomes[p.index] = register(p) if register else register_one(p, root, out, cfg, scheduler)
-        if progress:
-            progress("ANHIR pairs", k + 1, len(pairs))
-    return write_outputs(out, root, pairs, outcomes)
+    with run_dir_lock(out):  # one anhir run per folder (each pair's folder has its own lock)
+        for k, p in enumerate(pairs):
+            outcomes[p.index] = (
+                register(p) if register else register_one(p, root, out, cfg, scheduler)
+            )
+            if progress:
+                progress("ANHIR pairs", k + 1, len(pairs))
+        return write_outputs(out, root, pairs, outcomes)

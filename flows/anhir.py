@@ -27,6 +27,7 @@ from wsireg_flow.errors import WsiregError
 from wsireg_flow.landmarks import Pair
 from wsireg_flow.parallel import dask_scheduler, resolve_scheduler
 from wsireg_flow.progress import ProgressFn
+from wsireg_flow.stages import run_dir_lock
 
 
 @task(
@@ -52,10 +53,10 @@ def anhir_benchmark(
     pairs = load_dataset(root, table, status, limit)
     if not pairs:
         raise WsiregError(no_pairs_message(status), table)
-    out.mkdir(parents=True, exist_ok=True)
     progress = flow_progress(echo)
     outcomes: dict[str, PairOutcome] = {}
-    with dask_scheduler(cfg.dask) as handle:
+    # one anhir run per folder (each pair's folder has its own lock)
+    with run_dir_lock(out), dask_scheduler(cfg.dask) as handle:
         scheduler = resolve_scheduler(handle)
         if isinstance(scheduler, str):
             for k, p in enumerate(pairs):
@@ -67,4 +68,4 @@ def anhir_benchmark(
                 for p in pairs
             }
             outcomes = collect_outcomes(futures, progress)
-    return write_outputs(out, root, pairs, outcomes)
+        return write_outputs(out, root, pairs, outcomes)

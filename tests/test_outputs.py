@@ -137,6 +137,26 @@ def test_anhir_refuses_a_folder_holding_another_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in other.iterdir()) == ["pairs"]  # nothing written
 
 
+def test_anhir_refuses_a_folder_another_anhir_run_is_writing(tmp_path: Path) -> None:
+    """Two anhir runs into one --out both ran: each failed the pair the other held ("another
+    wsireg-flow run is writing"), both exited 0, and the last one's report scored a finished
+    pair as unregistered. The folder now has a lock of its own, held for the whole run."""
+    from benchmarks_anhir.run import run_benchmark
+    from wsireg_flow.config import Config
+    from wsireg_flow.errors import WsiregError
+    from wsireg_flow.stages import run_dir_lock
+
+    table = DATASET / "dataset.csv"
+    out = tmp_path / "anhir"
+    argv = ["anhir", "--dataset", str(DATASET), "--pairs", str(table), "--out", str(out)]
+    with run_dir_lock(out):
+        code, err = _cli(argv)
+        _refused(code, err, out, "another wsireg-flow run is writing to this run directory")
+        with pytest.raises(WsiregError, match="another wsireg-flow run is writing"):
+            run_benchmark(DATASET, table, out, Config(), limit=1)
+    assert _names(out) == [".wsireg.lock"]  # nothing else written
+
+
 def test_a_reader_that_goes_away_is_not_an_error() -> None:
     """`wsireg-flow config | head -1` printed 'error: BrokenPipeError' and exited 1."""
     import subprocess
