@@ -35,7 +35,7 @@ from wsireg_flow.errors import ConfigError, OneLineFormatter
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PairJob, check_inputs, holds_this_job
 from wsireg_flow.qc import run_warnings
-from wsireg_flow.stack import StackJob, collect_sections, holds_this_stack
+from wsireg_flow.stack import StackJob, collect_sections, holds_this_stack, sections_folder
 from wsireg_flow.stages import exclusive_lock, holds_results
 
 SUBDIRS = ("processing", "done", "failed")
@@ -173,9 +173,11 @@ def run_manifest(
         )
     else:
         named = m.sections if m.sections else [m.folder]
-        sections = collect_sections([resolve(data_root, s) for s in named])  # type: ignore[misc]
+        given = [resolve(data_root, s) for s in named]
+        sections = collect_sections(given)  # type: ignore[arg-type]
         landmarks = [resolve(data_root, p) for p in m.landmarks] if m.landmarks else None
-        job = StackJob(sections, out, cfg, m.reference, landmarks)  # type: ignore[arg-type]
+        folder = sections_folder(given)  # type: ignore[arg-type]
+        job = StackJob(sections, out, cfg, m.reference, landmarks, folder)  # type: ignore[arg-type]
     if isinstance(job, PairJob):  # a job that cannot run leaves the earlier run alone
         check_inputs(job)
     else:

@@ -383,6 +383,21 @@ def test_a_users_folder_in_the_runs_folder_is_left_as_it_was(tmp_path: Path) -> 
         assert _names(mine) == ["notes.txt"]
 
 
+def test_a_stack_is_not_written_into_its_folder_of_sections(tmp_path: Path) -> None:
+    """With the runs folder inside a stack's folder of sections, the run was written there;
+    the next stack of that folder took the run for a section and failed."""
+    from flows.inbox import process_inbox
+
+    root, box, _ = _setup(tmp_path)
+    runs = root / "case" / "runs"
+    _drop(box, "stack.yaml", "kind: stack\nfolder: case\n")
+    summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+    assert summary["failed"] == ["stack.yaml"], summary
+    reason = (box / "failed" / "stack.reason.txt").read_text()
+    assert f"{runs / 'stack'}: is inside the input {root / 'case'}" in reason, reason
+    assert not (runs / "stack").exists()
+
+
 # -- 5. `serve --once` exit status ----------------------------------------------------------------
 def _serve_once(box: Path, root: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
     from wsireg_flow.cli import main

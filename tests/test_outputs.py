@@ -75,7 +75,12 @@ def test_register_and_stack_refuse_a_run_directory_holding_their_inputs(
     ):
         code, err = _cli(argv)
         _refused(code, err, Path(argv[argv.index("--out") + 1]), "is or holds the input")
-    assert _digest(inputs) == before
+    # a folder of sections is an input too: a run written into it was taken for a section by
+    # the next stack of the folder ("aligned.zarr: is a directory, not a slide")
+    inside = inputs / "aligned"
+    code, err = _cli(["stack", str(inputs), "--out", str(inside), *flag])
+    _refused(code, err, inside, f"is inside the input {inputs}")
+    assert _digest(inputs) == before and not inside.exists()
 
 
 def test_ingest_and_export_refuse_to_write_over_their_input(inputs: Path, tmp_path: Path) -> None:
@@ -318,6 +323,12 @@ def test_stack_and_anhir_refuse_bad_input_before_starting_prefect(
     code, err = _cli(["stack", str(inputs / "a.jpg"), str(inputs / "b.jpg"), "--out", str(mine)])
     _refused(code, err, mine, "run directory exists and holds other results")
     assert _names(mine) == ["notes.txt"]
+    # a folder holding another stack says which (as register names the pair it holds)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "stack.json").write_text(json.dumps({"sections": ["/x/s1.svs", "/x/s2.svs"]}))
+    code, err = _cli(["stack", str(inputs / "a.jpg"), str(inputs / "b.jpg"), "--out", str(other)])
+    _refused(code, err, other, "holds other results (a stack of s1.svs, s2.svs) (use --overwrite")
 
 
 def _names(folder: Path) -> list[str]:

@@ -184,7 +184,13 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     """`wsireg-flow stack`: register serial sections to a reference section."""
     from wsireg_flow.qc import run_warnings
-    from wsireg_flow.stack import StackJob, check_stack_dir, collect_sections, stack_is_complete
+    from wsireg_flow.stack import (
+        StackJob,
+        check_stack_dir,
+        collect_sections,
+        sections_folder,
+        stack_is_complete,
+    )
 
     cfg = _config(args)
     sections = collect_sections(args.slides)
@@ -195,7 +201,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         order = sorted(range(len(sections)), key=lambda k: sections[k].name)
         sections = [sections[k] for k in order]
         landmarks = None if landmarks is None else [landmarks[k] for k in order]
-    job = StackJob(sections, args.out, cfg, args.reference, landmarks)
+    job = StackJob(sections, args.out, cfg, args.reference, landmarks, sections_folder(args.slides))
     job.validate()
     check_stack_dir(job, args.overwrite)
     if not args.overwrite and stack_is_complete(job):

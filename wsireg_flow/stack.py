@@ -68,10 +68,19 @@ STACK_ENTRIES = frozenset({"stack.json", MARKER_DIR, "pairs", "sections", "metri
 IMAGE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".jpg", ".jpeg", ".png", ".zarr")
 
 
+def sections_folder(inputs: Sequence[str | os.PathLike[str]]) -> Path | None:
+    """The folder whose images are the sections, when ``inputs`` is one folder (not an
+    OME-Zarr pyramid); None for a list of slides."""
+    paths = [Path(p) for p in inputs]
+    if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / ".zattrs").exists():
+        return paths[0]
+    return None
+
+
 def collect_sections(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Expand a folder into its images (sorted by name); keep an explicit list in its order."""
     paths = [Path(p) for p in inputs]
-    if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / ".zattrs").exists():
+    if sections_folder(inputs) is not None:
         found = sorted(
             p
             for p in paths[0].iterdir()
@@ -95,6 +104,10 @@ class StackJob:
     cfg: Config
     reference: int | None = None
     landmarks: list[Path] | None = None
+    # the folder the sections were collected from (:func:`sections_folder`): an input too,
+    # so the run may not be written into it (a later stack of the folder would take the run
+    # for a section)
+    folder: Path | None = None
 
     @property
     def ref(self) -> int:
@@ -139,8 +152,9 @@ class StackJob:
         return [self.pair_job(k) for k in range(len(self.sections)) if k != self.ref]
 
     def inputs(self) -> list[Path]:
-        """The stack's input files: its sections, then its landmark files (if any)."""
-        return [*self.sections, *(self.landmarks or [])]
+        """The stack's inputs: its sections, its landmark files (if any), and the folder the
+        sections came from (if any)."""
+        return [*self.sections, *(self.landmarks or []), *([self.folder] if self.folder else [])]
 
     def chain_pairs(self, k: int) -> list[int]:
         """Sections whose pair transforms map the reference frame into section ``k``, in order."""
@@ -200,12 +214,8 @@ def holds_this_stack(job: StackJob) -> bool:
     """Whether the run directory's ``stack.json`` records this stack: its sections and
     reference (paths compared resolved). Other landmark files re-run the stages that read them
     (their fingerprints record the files)."""
-    f = job.run_dir / "stack.json"
-    try:
-        old = json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError):
-        return False
-    if not isinstance(old, dict):
+    old = _recorded_stack(job.run_dir)
+    if old is None:
         return False
     # records written before paths were resolved hold them as typed
     old = {k: _resolved(v) if k == "sections" else v for k, v in old.items()}
@@ -213,7 +223,25 @@ def holds_this_stack(job: StackJob) -> bool:
     return all(old.get(k) == new[k] for k in ("sections", "reference"))
 
 
-OTHER_RESULTS = "run directory exists and holds other results (use --overwrite to replace it)"
+def _recorded_stack(run_dir: Path) -> dict[str, Any] | None:
+    f = run_dir / "stack.json"
+    try:
+        old = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _another_stack(job: StackJob) -> str:
+    """The refusal of a run directory holding other results, naming the stack it holds."""
+    old = _recorded_stack(job.run_dir)
+    sections = old.get("sections") if old is not None else None
+    whose = ""
+    if isinstance(sections, list) and all(isinstance(p, str) for p in sections):
+        names = ", ".join(Path(p).name for p in sections[:3])
+        more = f" and {len(sections) - 3} more" if len(sections) > 3 else ""
+        whose = f" (a stack of {names}{more})"
+    return f"run directory exists and holds other results{whose} (use --overwrite to replace it)"
 
 
 def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -226,7 +254,7 @@ def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     if overwrite:
         check_replaceable(job.run_dir, "stack run", STACK_ENTRIES)
     elif holds_results(job.run_dir) and not holds_this_stack(job):
-        raise WsiregError(OTHER_RESULTS, job.run_dir)
+        raise WsiregError(_another_stack(job), job.run_dir)
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -241,7 +269,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     if holds_results(d):
         same = holds_this_stack(job)
         if not same and not overwrite:
-            raise WsiregError(OTHER_RESULTS, d)
+            raise WsiregError(_another_stack(job), d)
         if overwrite:
             check_replaceable(d, "stack run", STACK_ENTRIES)
             empty_run_dir(d)
