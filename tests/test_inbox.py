@@ -437,6 +437,27 @@ def test_serve_once_exits_1_when_a_manifest_failed(tmp_path: Path) -> None:
 
 
 # -- 6. a bad --cron is refused before serving ----------------------------------------------------
+def test_serve_checks_its_data_root_and_runs_folder_before_the_inbox(tmp_path: Path) -> None:
+    """A mistyped --data-root failed every waiting manifest ("file not found" each), and a
+    --runs that is a file failed them with a bare "[Errno 20] Not a directory"."""
+    root, box, _ = _setup(tmp_path)
+    _drop(box, "job.yaml", PAIR)
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    typo = tmp_path / "typo"
+    for extra, path, problem in (
+        (["--data-root", str(typo)], typo, "--data-root folder not found"),
+        (["--data-root", str(afile)], afile, "is a file, not a folder"),
+        (["--runs", str(afile)], afile, "exists and is not a directory"),
+        (["--runs", str(afile / "runs")], afile / "runs", "not a directory"),
+    ):
+        code, summary, err = _serve_once(box, root, *extra)
+        assert (code, summary) == (2, {}), err
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"wsireg-flow: error: {path}: ") and problem in line, line
+        assert _names(box) == ["job.yaml"]  # the inbox untouched
+
+
 def test_check_cron_uses_prefects_rules() -> None:
     from flows.inbox import check_cron
 

@@ -231,9 +231,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run it once (``--once``: exit 1 when a manifest failed)."""
     from flows.inbox import check_cron, process_inbox, require_server, serve, warnings_to
 
-    if not args.inbox.is_dir():
-        problem = "is a file, not a folder" if args.inbox.exists() else "inbox folder not found"
-        raise WsiregError(problem, args.inbox)
+    # a typo here would fail every waiting manifest: refused before the inbox is touched
+    for folder, what in ((args.inbox, "inbox"), (args.data_root, "--data-root")):
+        if folder is not None and not folder.is_dir():
+            problem = "is a file, not a folder" if folder.exists() else f"{what} folder not found"
+            raise WsiregError(problem, folder)
+    check_writable_dir(args.runs if args.runs is not None else args.inbox / "runs")
     if not args.once:
         check_cron(args.cron)
     if not 0 <= args.settle < float("inf"):
