@@ -504,6 +504,9 @@ def test_warp_labels_the_output_with_the_other_frame_and_refuses_a_wrong_size(
         with open_slide(out) as s:
             assert s.shapes[0][:2] == shape
             assert s.pixel_size_um == pytest.approx(pixel_size)
+        # the metadata says which frame (it said "target frame" both ways)
+        attrs = json.loads((out / ".zattrs").read_text())["wsireg_flow"]
+        assert attrs["warped_into"] == f"{direction.rsplit('-', 1)[1]} frame"
     wrong = tmp_path / "wrong.zarr"
     argv = ["warp", str(tmp_path / "transform"), str(tmp_path / "target.png"), "--out", str(wrong)]
     code, _, err = _cli([*argv, "--quiet"])

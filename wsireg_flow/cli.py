@@ -351,6 +351,7 @@ def cmd_warp(args: argparse.Namespace) -> int:
             nearest=args.labels,
             overwrite=args.overwrite,
             progress=_progress(args),
+            frame=into,
         )
     print(out)
     return 0

@@ -298,6 +298,7 @@ def warp_section(job: StackJob, k: int, progress: ProgressFn | None = None) -> b
             codec=job.cfg.io.codec,
             overwrite=True,
             progress=progress,
+            frame="reference section",
         )
         pairs = [str(job.pair_job(i).run_dir.relative_to(job.run_dir)) for i in job.chain_pairs(k)]
         write_json(

@@ -164,10 +164,13 @@ def warp_slide(
     nearest: bool = False,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    frame: str = "target",
 ) -> Path:
     """Write the source warped into the target frame as an OME-Zarr pyramid (out of core).
 
-    ``nearest`` uses nearest-neighbour sampling (label masks keep their values).
+    ``nearest`` uses nearest-neighbour sampling (label masks keep their values). ``frame``
+    names the frame ``transform`` maps into, recorded as ``warped_into: "<frame> frame"``
+    (a warp through an :class:`InverseView` is into the source frame).
     """
     check_not_over_inputs(out, [source.path])
     level0 = warped_level0(transform, source, chunk, nearest)
@@ -182,5 +185,5 @@ def warp_slide(
         overwrite=overwrite,
         labels=nearest,
         progress=progress,
-        extra_attrs={"source": str(source.path), "warped_into": "target frame"},
+        extra_attrs={"source": str(source.path), "warped_into": f"{frame} frame"},
     )
