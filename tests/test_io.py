@@ -504,3 +504,31 @@ def test_directory(tmp_path: Path) -> None:
     with pytest.raises(InputError) as exc:
         open_slide(path)
     _assert_input_error(exc, path, "is a directory")
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "two-channel", "palette", "miniswhite"])
+def test_a_tiff_that_is_not_grey_or_rgb_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    """A CMYK TIFF was read as RGB (C, M, Y taken for R, G, B: a source registered 513 px off,
+    exit 0, no warning), and a 2-channel (y, x, 2) TIFF failed at the last stage with a
+    ValueError from the QC figures (exit 1) after every other stage had run."""
+    path = tmp_path / f"{kind}.tif"
+    rng = np.random.default_rng(0)
+    if kind == "cmyk":
+        tifffile.imwrite(path, rng.integers(0, 255, (40, 50, 4), np.uint8), photometric="separated")
+        problem = "unsupported colour space SEPARATED (TIFF photometric 5)"
+    elif kind == "two-channel":
+        img = rng.integers(0, 255, (40, 50, 2), np.uint8)
+        tifffile.imwrite(path, img, photometric="minisblack", planarconfig="contig")
+        problem = "2 channels that are not grey + alpha"
+    elif kind == "palette":
+        colormap = rng.integers(0, 65535, (3, 256), np.uint16)
+        img = rng.integers(0, 255, (40, 50), np.uint8)
+        tifffile.imwrite(path, img, photometric="palette", colormap=colormap)
+        problem = "unsupported colour space PALETTE (TIFF photometric 3)"
+    else:
+        img = rng.integers(0, 255, (40, 50), np.uint8)
+        tifffile.imwrite(path, img, photometric="miniswhite")
+        problem = "unsupported colour space MINISWHITE (TIFF photometric 0)"
+    with pytest.raises(InputError) as caught:
+        open_slide(path)
+    assert str(caught.value) == f"{path}: {problem}: save the image as RGB or greyscale"

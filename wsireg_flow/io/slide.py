@@ -274,6 +274,7 @@ def _open_tiff(p: Path) -> Slide:
             direct = _TiledLevel.try_create(series.levels[k], fd.fd, fill)
             levels.append(direct if direct is not None else _YXCView(a, series.levels[k].axes))
         alpha = tiff_alpha(series.levels[0].pages[0])
+        check_tiff_colour(series.levels[0].pages[0], levels[0].shape[2], alpha, p)
         if alpha is not None:
             levels = [_OverWhiteView(lev, premultiplied=alpha == "associated") for lev in levels]
         kind = "ome-tiff" if tf.is_ome else "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "tiff"
@@ -304,6 +305,35 @@ def tiff_alpha(page: Any) -> str | None:
     if colour is None or len(extra) != 1 or int(page.samplesperpixel) != colour + 1:
         return None
     return {1: "associated", 2: "unassociated"}.get(extra[0])
+
+
+# photometric interpretations read as they are: min-is-black grey (also planar channels, as
+# OME-TIFF stores them), RGB, YCbCr (decoded to RGB by the codec)
+READ_PHOTOMETRIC = (1, 2, 6)
+
+
+def check_tiff_colour(page: Any, channels: int, alpha: str | None, p: Path) -> None:
+    """Refuse a TIFF whose samples are not grey or RGB: CMYK (``separated``), a palette, CIE
+    L*a*b*, min-is-white, or two channels that are not grey + alpha. Their samples would be
+    taken for R, G, B (a CMYK source registered 513 px off with exit 0).
+
+    Raises
+    ------
+    InputError
+        Naming the file and its colour space.
+    """
+    photometric = int(getattr(page, "photometric", 1))
+    if photometric not in READ_PHOTOMETRIC:
+        name = getattr(getattr(page, "photometric", None), "name", str(photometric))
+        raise InputError(
+            f"unsupported colour space {name} (TIFF photometric {photometric}): save the "
+            "image as RGB or greyscale",
+            p,
+        )
+    if channels == 2 and alpha is None:
+        raise InputError(
+            "2 channels that are not grey + alpha: save the image as RGB or greyscale", p
+        )
 
 
 def choose_main_series(series: Sequence[tuple[str, tuple[int, ...], str]]) -> int:
