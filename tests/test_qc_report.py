@@ -332,17 +332,22 @@ def test_confidence_maps_share_a_fixed_scale_with_a_colour_bar(tmp_path: Path) -
 def test_run_warnings_reads_a_register_run_or_every_pair_of_a_stack(tmp_path: Path) -> None:
     from wsireg_flow.qc import run_warnings
 
-    def metrics(ok: int) -> dict[str, Any]:
+    def metrics(ok: int, low: int = 1) -> dict[str, Any]:
         statuses = {"ok": ok, "no gain": 3} if ok else {"no gain": 3, "no tissue": 2}
+        if low:
+            statuses["low confidence"] = low
         return {"rigid": {"method": "x", "notes": []}, "levels": [{"statuses": statuses}]}
 
     pair = tmp_path / "pair"
     pair.mkdir()
     (pair / "metrics.json").write_text(json.dumps(metrics(0)))
     assert run_warnings(pair) == [
-        "no tile on tissue registered at any level (3 no gain, 2 no tissue): the result is "
-        "the coarse alignment alone; look at qc/overlay.png"
+        "no tile on tissue registered at any level (1 low confidence, 3 no gain, 2 no tissue): "
+        "the result is the coarse alignment alone; look at qc/overlay.png"
     ]
+    # every tile on tissue without gain: the coarse fit was exact (identical images warned)
+    (pair / "metrics.json").write_text(json.dumps(metrics(0, low=0)))
+    assert run_warnings(pair) == []
     stack = tmp_path / "stack"
     for name, ok in (("00-onto-01", 2), ("02-onto-01", 0)):
         (stack / "pairs" / name).mkdir(parents=True)

@@ -336,7 +336,10 @@ def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
 def quality_warnings(metrics: dict[str, Any]) -> list[str]:
     """What a user should hear about a finished pair, from its ``metrics.json`` dict: a tissue
     scale outside the plausible range (a resolution mismatch no pixel size states), and no
-    tile on tissue registered at any level (the result is the coarse alignment alone)."""
+    tile on tissue registered at any level (the result is the coarse alignment alone). Tiles
+    whose flow gained nothing over the coarse alignment ("no gain") are no failure: when every
+    tile on tissue is one, the coarse alignment was already as good as the tiles could make it
+    (an exact fit, e.g. identical images) and nothing is said."""
     from wsireg_flow.rigid import SCALE_NOTE
 
     found = [n for n in metrics.get("rigid", {}).get("notes", []) if n.startswith(SCALE_NOTE)]
@@ -344,8 +347,8 @@ def quality_warnings(metrics: dict[str, Any]) -> list[str]:
     for lv in metrics.get("levels", []):
         for status, n in lv.get("statuses", {}).items():
             statuses[status] = statuses.get(status, 0) + n
-    on_tissue = sum(n for s, n in statuses.items() if s != "no tissue")
-    if on_tissue and not statuses.get("ok"):
+    failed = sum(n for s, n in statuses.items() if s not in ("ok", "no gain", "no tissue"))
+    if failed and not statuses.get("ok"):
         shown = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         found.append(
             f"no tile on tissue registered at any level ({shown}): the result is the coarse "
