@@ -387,6 +387,26 @@ def ecc_refine(
     return matrix
 
 
+def _inner(shape: tuple[int, ...], margin: int = 3) -> np.ndarray:
+    """(y, x) mask of the pixels at least ``margin`` px from the image's edge."""
+    mask = np.zeros(shape[:2], bool)
+    mask[margin : shape[0] - margin, margin : shape[1] - margin] = True
+    return mask
+
+
+def overlap(
+    target_shape: tuple[int, ...],
+    source_shape: tuple[int, ...],
+    matrix: np.ndarray,
+    margin: int = 3,
+) -> np.ndarray:
+    """(y, x) mask of the target pixels at least ``margin`` px from the target's edge that
+    the target->source affine ``matrix`` maps at least ``margin`` px inside the source: where
+    both images have data (:func:`selection_score` compares only these)."""
+    inner = _inner(source_shape, margin).astype(np.uint8)
+    return _inner(target_shape, margin) & (warp_affine(inner, matrix, target_shape[:2]) > 0)
+
+
 def selection_score(
     target: np.ndarray,
     source: np.ndarray,
@@ -396,24 +416,55 @@ def selection_score(
 ) -> float:
     """Score used to choose among refined candidates (higher is better).
 
-    Intensity NCC at 256 px (blur 2) and at 512 px (blur 1) plus half the tissue-mask NCC.
-    Masks alone are fooled by blob-like tissue (a 90-degree turn of a round section overlaps
-    well); finer intensity correlation is not, while the mask term still breaks ties on
-    symmetric outlines (measured on the bundled ANHIR pairs in both directions).
+    Intensity NCC at 256 px (blur 2) and at 512 px (blur 1) plus half the tissue-mask NCC,
+    each over the :func:`overlap` of the two images only, times the share of tissue the
+    overlap holds (:func:`tissue_coverage`, saturating at :data:`FULL_COVERAGE`). Masks alone
+    are fooled by blob-like tissue (a 90-degree turn of a round section overlaps well); finer
+    intensity correlation is not, while the mask term still breaks ties on symmetric outlines
+    (measured on the bundled ANHIR pairs in both directions). Over the whole target frame
+    (beyond the source's edge a fill of glass) a source showing part of the target scored
+    best stretched over all of it: a correct partial overlap counted the target's tissue
+    outside the source as a mismatch.
     """
     score = 0.0
     for size, sigma in ((256, 2.0), (512, 1.0)):
         f = min(1.0, size / max(target.shape))
         sd = _scale_matrix(f)
         t, s = _small(target, f, sigma), _small(source, f, sigma)
-        score += ncc(t, warp_affine(s, sd @ matrix @ np.linalg.inv(sd), t.shape))
+        m = sd @ matrix @ np.linalg.inv(sd)
+        score += ncc(t, warp_affine(s, m, t.shape), overlap(t.shape, s.shape, m))
     if target_mask is not None and source_mask is not None:
         f = 256 / max(target.shape)
         sd = _scale_matrix(f)
         tm = _small(target_mask.astype(np.float32), f)
         sm = _small(source_mask.astype(np.float32), f)
-        score += 0.5 * ncc(tm, warp_affine(sm, sd @ matrix @ np.linalg.inv(sd), tm.shape))
+        m = sd @ matrix @ np.linalg.inv(sd)
+        score += 0.5 * ncc(tm, warp_affine(sm, m, tm.shape), overlap(tm.shape, sm.shape, m))
+        score *= min(1.0, tissue_coverage(tm > 0.5, sm > 0.5, m) / FULL_COVERAGE)
     return score
+
+
+# the share of one image's tissue an overlap must hold to count fully (:func:`selection_score`)
+FULL_COVERAGE = 0.8
+
+
+def tissue_coverage(target_mask: np.ndarray, source_mask: np.ndarray, matrix: np.ndarray) -> float:
+    """The larger of the shares of target tissue and of source tissue that lie in the
+    :func:`overlap` of the two images under the target->source affine ``matrix`` (masks (y, x)
+    bool). 1 when one image's tissue lies wholly inside the other, as when a source shows a
+    part of the target; small for an alignment that overlaps the images only at an edge."""
+    both = overlap(target_mask.shape, source_mask.shape, matrix)
+    inside = (
+        warp_affine(
+            _inner(target_mask.shape).astype(np.uint8), np.linalg.inv(matrix), source_mask.shape[:2]
+        )
+        > 0
+    )
+    shares = [
+        (target_mask & both).sum() / max(1, target_mask.sum()),
+        (source_mask & inside).sum() / max(1, source_mask.sum()),
+    ]
+    return float(max(shares))
 
 
 SCALE_NOTE = "the tissue areas imply a scale of"
