@@ -183,6 +183,7 @@ def test_full_run_exits_zero_and_prints_the_summary(full: dict[str, Any]) -> Non
     assert json.loads((full["out"] / "summary.json").read_text())["warnings"] == {}
     assert "MEVIS" in full["stdout"]
     assert "wsireg-flow (this run)" in full["stdout"]
+    assert f"figures: {full['out'] / 'figures'}" in full["stdout"]  # named as it exists
 
 
 def test_rerun_of_a_finished_benchmark_rescores_without_prefect(

@@ -219,6 +219,12 @@ def test_load_refuses_non_transform_directory(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a transform directory") as exc:
         warp_geojson_file(folder, src, tmp_path / "out.geojson")
     assert exc.value.path == folder
+    # the run directory given instead of its transform/: say which folder to give
+    run = tmp_path / "run"
+    Transform(np.eye(3), None, None, (4, 5), (4, 5), {}).save(run / "transform")
+    with pytest.raises(InputError) as exc:
+        Transform.load(run)
+    assert str(exc.value) == f"{run}: is a run directory: give {run / 'transform'}"
 
 
 # --------------------------------------------------------------------------- geometry

@@ -292,7 +292,9 @@ def cmd_anhir(args: argparse.Namespace) -> int:
                 *where, status=args.status, limit=args.limit, echo=_progress(args)
             )
     print((args.out / "scores" / "summary.md").read_text())
-    print(f"report: {args.out / 'scores' / 'summary.md'}  figures: {args.out / 'figures'}")
+    figures = args.out / "figures"  # none when no pair was scored
+    where = f"  figures: {figures}" if figures.is_dir() else ""
+    print(f"report: {args.out / 'scores' / 'summary.md'}{where}")
     for index, warnings in summary["warnings"].items():
         for warning in warnings:
             LOG.warning("%s: %s", args.out / "pairs" / index, warning)
@@ -449,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("serve", help="Serve a scheduled deployment that runs inbox manifests.")
-    p.add_argument("--inbox", type=Path, required=True, help="Folder watched for *.yaml jobs.")
+    p.add_argument(
+        "--inbox", type=Path, required=True, help="Folder watched for jobs (*.yaml, *.yml)."
+    )
     p.add_argument("--cron", default="*/10 * * * *", help="Schedule (cron syntax).")
     p.add_argument(
         "--data-root",
@@ -494,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     directions = ["source-to-target", "target-to-source"]
     p = sub.add_parser("warp-annotations", help="Warp QuPath-style GeoJSON with a transform.")
     p.add_argument("transform", type=Path, help="A run's transform/ directory.")
-    p.add_argument("geojson", type=Path)
+    p.add_argument("geojson", type=Path, help="GeoJSON (FeatureCollection, Feature or list).")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--direction", choices=directions, default="source-to-target")
     p.add_argument(
@@ -517,15 +521,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="Output OME-Zarr.")
     p.add_argument("--direction", choices=directions, default="source-to-target")
     p.add_argument("--labels", action="store_true", help="Nearest-neighbour (label masks).")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
     _add_common(p)
     p.set_defaults(func=cmd_warp)
 
     p = sub.add_parser("export", help="Export an OME-Zarr pyramid as a pyramidal OME-TIFF.")
-    p.add_argument("zarr", type=Path)
+    p.add_argument("zarr", type=Path, help="OME-Zarr pyramid (e.g. a run's warped.zarr).")
     p.add_argument("--out", type=Path, required=True, help="Output .ome.tif")
     p.add_argument("--compression", choices=["jpeg", "deflate"], default="jpeg")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
     _add_common(p)
     p.set_defaults(func=cmd_export)
 
@@ -533,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="10000x10000", help="HEIGHTxWIDTH in pixels.")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
     _add_common(p)
     p.set_defaults(func=cmd_synth)
 

@@ -135,6 +135,8 @@ class Transform:
             ts = tuple(int(v) for v in info.pop("target_shape"))
             ss = tuple(int(v) for v in info.pop("source_shape"))
         except Exception as exc:  # missing file or key, not JSON, not numbers
+            if (d / "transform" / "affine.json").is_file():  # the run directory was given
+                raise InputError(f"is a run directory: give {d / 'transform'}", d) from exc
             raise InputError(f"not a transform directory ({type(exc).__name__}: {exc})", d) from exc
         if affine.shape != (3, 3) or len(ts) != 2 or len(ss) != 2:
             raise InputError(
