@@ -122,7 +122,9 @@ def test_config_from_dict_without_source() -> None:
     assert config_from_dict({"io": {"chunk": 512}}).io.chunk == 512
     with pytest.raises(ConfigError) as exc:
         config_from_dict({"io": {"chunkk": 512}})
-    assert str(exc.value) == "invalid configuration: unknown key 'io.chunkk'"
+    assert str(exc.value) == (
+        "invalid configuration: unknown key 'io.chunkk' (did you mean 'chunk'?)"
+    )
     assert exc.value.path is None
 
 
@@ -139,7 +141,10 @@ def test_validate_assignment() -> None:
 
 def test_unknown_key(tmp_path: Path) -> None:
     msg = _config_error(_write(tmp_path, "rigid:\n  ratioo: 0.5\n"))
-    assert "unknown key 'rigid.ratioo'" in msg
+    assert "unknown key 'rigid.ratioo' (did you mean 'ratio'?)" in msg
+    # no hint when nothing is close
+    msg = _config_error(_write(tmp_path, "rigid:\n  zzzzzzz: 0.5\n"))
+    assert msg.endswith("unknown key 'rigid.zzzzzzz'"), msg
 
 
 def test_unknown_section(tmp_path: Path) -> None:
@@ -289,7 +294,8 @@ def test_cli_config_bad_file_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == (
-        f"wsireg-flow: error: {path}: invalid configuration: unknown key 'rigid.ratioo'\n"
+        f"wsireg-flow: error: {path}: invalid configuration: unknown key 'rigid.ratioo' "
+        "(did you mean 'ratio'?)\n"
     )
 
 

@@ -579,7 +579,7 @@ def test_debug_shows_the_traceback(batch: dict[str, Any]) -> None:
     assert len(lines) > 5
     assert lines[-1] == (
         f"wsireg_flow.errors.ConfigError: {batch['world']['cfg_typo']}: "
-        "invalid configuration: unknown key 'nonrigid.tiel'"
+        "invalid configuration: unknown key 'nonrigid.tiel' (did you mean 'tile'?)"
     )
     assert not _run_dir(batch, "debug").exists()
 

@@ -7,6 +7,7 @@ file may set any subset; unknown keys and bad values are refused with a
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -236,12 +237,27 @@ class Config(_Section):
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
 
+def _closest_key(loc: tuple[Any, ...]) -> str | None:
+    """The known key closest to the unknown last key of ``loc`` (a typo), among the keys of
+    the section it is in; None when none is close."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return close[0] if close else None
+
+
 def _format_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {key!r}")  # repr: one line whatever the key
+            close = _closest_key(tuple(err["loc"]))
+            hint = f" (did you mean {close!r}?)" if close else ""
+            parts.append(f"unknown key {key!r}{hint}")  # repr: one line whatever the key
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
