@@ -600,6 +600,38 @@ def _interrupts(command: str) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+class WorkerRestartNotices(logging.Filter):
+    """On Dask's ``distributed.nanny`` logger (at INFO): drops the "Restarting worker" notice
+    that follows a worker process killed by SIGTERM, SIGINT or SIGHUP, and every INFO record
+    (hidden as before).
+
+    A signal to the whole process group (Ctrl-C, ``timeout``, ``kill -- -PGID``, a service
+    stop) ends a local cluster's workers too; their nanny, in this process, could log the
+    restart before the command's own handler stopped it: two lines of noise under the
+    one-line "interrupted" message. The nanny logs each death at INFO first ("Worker process
+    PID was killed by signal N"), so the notice can be matched to its cause. A worker that dies
+    otherwise (a crash, SIGKILL) is still reported.
+    """
+
+    TERMINATING = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = 0  # deaths by a terminating signal whose restart notice is due
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno < logging.WARNING:
+            prefix, _, number = message.rpartition(" was killed by signal ")
+            if prefix.startswith("Worker process") and number.isdigit():
+                self.pending += int(number) in self.TERMINATING
+            return False
+        if message.startswith("Restarting worker") and self.pending:
+            self.pending -= 1
+            return False
+        return True
+
+
 def _naming_output(exc: WsiregError, args: argparse.Namespace) -> WsiregError:
     """An output error that names no file (a full disk fails a write, not an open) names the
     command's ``--out``."""
@@ -636,6 +668,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = os.environ.get("PYTHONWARNINGS", "")
         if quiet not in before:
             os.environ["PYTHONWARNINGS"] = f"{before},{quiet}" if before else quiet
+    nanny, notices = logging.getLogger("distributed.nanny"), WorkerRestartNotices()
+    level = nanny.level
+    if not args.debug:
+        nanny.setLevel(logging.INFO)  # the deaths' causes reach the filter, which hides them
+        nanny.addFilter(notices)
     try:
         if getattr(args, "config", None) is not None and getattr(args, "out", None) is not None:
             check_not_over_inputs(args.out, [args.config])  # the config is an input of all
@@ -665,6 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        nanny.removeFilter(notices)
+        nanny.setLevel(level)
 
 
 if __name__ == "__main__":
