@@ -117,6 +117,9 @@ def _interrupt(
         elif how == "service-term":  # systemd's default KillMode, Slurm: every process
             os.killpg(p.pid, signal.SIGTERM)
             signal_alive(children, signal.SIGTERM)
+        elif how == "timeout":  # GNU timeout: the command, then its whole group
+            os.kill(p.pid, signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)
         elif how == "term":
             os.kill(p.pid, signal.SIGTERM)  # a scheduler or `kill`: the command only
         else:
@@ -179,13 +182,14 @@ def test_sigterm_stops_the_command_and_its_prefect_server(tmp_path: Path) -> Non
     assert alive == []
 
 
-@pytest.mark.parametrize("how", ["group-term", "service-term"])
+@pytest.mark.parametrize("how", ["group-term", "service-term", "timeout"])
 def test_sigterm_to_the_process_group_stops_at_once(tmp_path: Path, how: str) -> None:
     """A SIGTERM to the whole group (`timeout`, `kill -- -PGID`) or to every process of the
     service (systemd, Slurm) used to stop the temporary Prefect server with the command;
     Prefect's flow-run handler then retried reporting the crash to it for about 70 s and the
     command ended with a ConnectError, exit 1. The server now runs in a session of its own and
-    holds a SIGTERM back until the command has exited: the command exits 143 at once."""
+    holds a SIGTERM back until the command has exited: the command exits 143 at once. GNU
+    `timeout` signals the command and then its group: the line was printed twice."""
     out = tmp_path / "run"
     code, err, took, alive = _interrupt(out, how, after="coarse.json", wait=0.5)
     print(f"\n{how}: exit {code} after {took:.1f} s, still running: {alive}")

@@ -569,6 +569,10 @@ def _interrupts(command: str) -> Iterator[None]:
         return
 
     def stop_now(signum: int, frame: object) -> None:
+        # once: GNU timeout signals the command and then its whole process group, so the
+        # command gets the signal twice (it printed the line twice)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         print(
             "wsireg-flow: interrupted (run the same command again to resume)",
             file=sys.stderr,
