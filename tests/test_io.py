@@ -506,7 +506,9 @@ def test_directory(tmp_path: Path) -> None:
     _assert_input_error(exc, path, "is a directory")
 
 
-@pytest.mark.parametrize("kind", ["cmyk", "two-channel", "palette", "miniswhite"])
+@pytest.mark.parametrize(
+    "kind", ["cmyk", "two-channel", "four-planes", "palette", "miniswhite", "ycbcr-deflate"]
+)
 def test_a_tiff_that_is_not_grey_or_rgb_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
     """A CMYK TIFF was read as RGB (C, M, Y taken for R, G, B: a source registered 513 px off,
     exit 0, no warning), and a 2-channel (y, x, 2) TIFF failed at the last stage with a
@@ -519,7 +521,15 @@ def test_a_tiff_that_is_not_grey_or_rgb_is_refused_in_one_line(tmp_path: Path, k
     elif kind == "two-channel":
         img = rng.integers(0, 255, (40, 50, 2), np.uint8)
         tifffile.imwrite(path, img, photometric="minisblack", planarconfig="contig")
-        problem = "2 channels that are not grey + alpha"
+        problem = "2 channels that are not grey, grey + alpha or RGB"
+    elif kind == "four-planes":  # fluorescence: four min-is-black planes, not R, G, B
+        img = rng.integers(0, 255, (4, 40, 50), np.uint8)
+        tifffile.imwrite(path, img, photometric="minisblack", metadata={"axes": "CYX"}, ome=True)
+        problem = "4 channels that are not grey, grey + alpha or RGB"
+    elif kind == "ycbcr-deflate":  # YCbCr decoded only by JPEG codecs: raw Y, Cb, Cr otherwise
+        img = rng.integers(0, 255, (40, 50, 3), np.uint8)
+        tifffile.imwrite(path, img, photometric="ycbcr", compression="zlib", subsampling=(1, 1))
+        problem = "unsupported colour space YCBCR (TIFF photometric 6, compression 8)"
     elif kind == "palette":
         colormap = rng.integers(0, 65535, (3, 256), np.uint16)
         img = rng.integers(0, 255, (40, 50), np.uint8)

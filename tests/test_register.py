@@ -379,8 +379,9 @@ def test_coarse_alignment_of_a_source_showing_part_of_the_target(
 ) -> None:
     """A source that is a crop of half the target's width and height (a region scanned on its
     own) was stretched over the whole target: the selection score, taken over the whole target
-    frame, counted the target's tissue beyond the source as a mismatch (the helper's audit:
-    178 px median error at the end, exit 0). It now compares the overlap only."""
+    frame, counted the target's tissue beyond the source as a mismatch (an audit: 178 px
+    median error at the end, exit 0). It now compares the overlap only. The centre crop of this
+    slide happened to register before too; the top-left one was 542 px off."""
     from wsireg_flow.geometry import translation
 
     tgt = cv2.resize(cmu_full, None, fx=1 / 3, fy=1 / 3, interpolation=cv2.INTER_AREA)
@@ -408,3 +409,24 @@ def test_tissue_coverage_of_a_part_and_of_an_edge_overlap() -> None:
     # shifted so that only a 20 px wide strip of the source overlaps the target's right edge
     edge = tissue_coverage(target, source, translation(-280, -60))
     assert edge == pytest.approx(20 * 80 / (100 * 80), abs=0.06)  # the source's share inside
+    assert tissue_coverage(target, source, np.diag([0.0, 1.0, 1.0])) == 0.0  # singular
+    assert tissue_coverage(target, np.zeros_like(source), translation(-100, -60)) is None
+
+
+def test_a_poor_overlap_never_scores_better() -> None:
+    """The coverage once scaled the score: a negative score (a source whose contrast is
+    inverted) then rose towards 0 as the overlap shrank, and an edge overlap won."""
+    from wsireg_flow.geometry import translation
+    from wsireg_flow.rigid import selection_score
+
+    rng = np.random.default_rng(3)
+    h, w = 300, 400
+    texture = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 4)
+    mask = np.zeros((h, w), bool)
+    mask[30:270, 40:360] = True
+    target = np.where(mask, texture / texture.max(), 0).astype(np.float32)
+    source = (1 - target).astype(np.float32)  # contrast inverted: a negative correlation
+    shifts = (0, 150, 200, 250, 300, 330)  # overlaps of 400 down to 70 px wide
+    scores = [selection_score(target, source, mask, mask, translation(dx, 0)) for dx in shifts]
+    print(f"\n[inverted source] scores {np.round(scores, 3)}")
+    assert all(later < scores[0] for later in scores[1:])  # scaled, 300 scored 0.10 > -1.50

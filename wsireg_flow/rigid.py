@@ -417,11 +417,12 @@ def selection_score(
     """Score used to choose among refined candidates (higher is better).
 
     Intensity NCC at 256 px (blur 2) and at 512 px (blur 1) plus half the tissue-mask NCC,
-    each over the :func:`overlap` of the two images only, times the share of tissue the
-    overlap holds (:func:`tissue_coverage`, saturating at :data:`FULL_COVERAGE`). Masks alone
-    are fooled by blob-like tissue (a 90-degree turn of a round section overlaps well); finer
-    intensity correlation is not, while the mask term still breaks ties on symmetric outlines
-    (measured on the bundled ANHIR pairs in both directions). Over the whole target frame
+    each over the :func:`overlap` of the two images only, less a penalty when that overlap
+    holds less than :data:`FULL_COVERAGE` of either image's tissue
+    (:func:`tissue_coverage`). Masks alone are fooled by blob-like tissue (a 90-degree turn of
+    a round section overlaps well); finer intensity correlation is not, while the mask term
+    still breaks ties on symmetric outlines (measured on the bundled ANHIR pairs in both
+    directions). Over the whole target frame
     (beyond the source's edge a fill of glass) a source showing part of the target scored
     best stretched over all of it: a correct partial overlap counted the target's tissue
     outside the source as a mismatch.
@@ -440,19 +441,31 @@ def selection_score(
         sm = _small(source_mask.astype(np.float32), f)
         m = sd @ matrix @ np.linalg.inv(sd)
         score += 0.5 * ncc(tm, warp_affine(sm, m, tm.shape), overlap(tm.shape, sm.shape, m))
-        score *= min(1.0, tissue_coverage(tm > 0.5, sm > 0.5, m) / FULL_COVERAGE)
+        coverage = tissue_coverage(tm > 0.5, sm > 0.5, m)
+        if coverage is not None:  # a penalty: scaling would favour a poor negative score
+            score -= COVERAGE_PENALTY * max(0.0, 1.0 - coverage / FULL_COVERAGE)
     return score
 
 
-# the share of one image's tissue an overlap must hold to count fully (:func:`selection_score`)
+# the share of one image's tissue an overlap must hold to count fully, and the score lost by
+# an overlap holding none: the whole range of :func:`selection_score` without it (-2.5..2.5),
+# since a correlation over a small overlap can be high by chance
 FULL_COVERAGE = 0.8
+COVERAGE_PENALTY = 5.0
 
 
-def tissue_coverage(target_mask: np.ndarray, source_mask: np.ndarray, matrix: np.ndarray) -> float:
+def tissue_coverage(
+    target_mask: np.ndarray, source_mask: np.ndarray, matrix: np.ndarray
+) -> float | None:
     """The larger of the shares of target tissue and of source tissue that lie in the
     :func:`overlap` of the two images under the target->source affine ``matrix`` (masks (y, x)
     bool). 1 when one image's tissue lies wholly inside the other, as when a source shows a
-    part of the target; small for an alignment that overlaps the images only at an edge."""
+    part of the target; small for an alignment that overlaps the images only at an edge; 0
+    for a singular matrix. None when a mask is empty (no tissue to cover)."""
+    if not target_mask.any() or not source_mask.any():
+        return None
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-9:
+        return 0.0
     both = overlap(target_mask.shape, source_mask.shape, matrix)
     inside = (
         warp_affine(
@@ -461,8 +474,8 @@ def tissue_coverage(target_mask: np.ndarray, source_mask: np.ndarray, matrix: np
         > 0
     )
     shares = [
-        (target_mask & both).sum() / max(1, target_mask.sum()),
-        (source_mask & inside).sum() / max(1, source_mask.sum()),
+        (target_mask & both).sum() / target_mask.sum(),
+        (source_mask & inside).sum() / source_mask.sum(),
     ]
     return float(max(shares))
 

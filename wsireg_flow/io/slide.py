@@ -308,14 +308,17 @@ def tiff_alpha(page: Any) -> str | None:
 
 
 # photometric interpretations read as they are: min-is-black grey (also planar channels, as
-# OME-TIFF stores them), RGB, YCbCr (decoded to RGB by the codec)
+# OME-TIFF stores them), RGB, and YCbCr where the codec decodes it to RGB (JPEG, JPEG 2000)
 READ_PHOTOMETRIC = (1, 2, 6)
+DECODED_TO_RGB = frozenset({6, 7, 33003, 33005, 34712})  # TIFF compressions: JPEG, JPEG 2000
 
 
 def check_tiff_colour(page: Any, channels: int, alpha: str | None, p: Path) -> None:
     """Refuse a TIFF whose samples are not grey or RGB: CMYK (``separated``), a palette, CIE
-    L*a*b*, min-is-white, or two channels that are not grey + alpha. Their samples would be
-    taken for R, G, B (a CMYK source registered 513 px off with exit 0).
+    L*a*b*, min-is-white, YCbCr stored without a JPEG codec, or min-is-black channels other
+    than grey, grey + alpha or three planes (RGB as OME-TIFF stores it; four or more are
+    fluorescence). Their samples would be taken for R, G, B (a CMYK source registered 513 px
+    off with exit 0). RGB may carry extra samples (kept as channels).
 
     Raises
     ------
@@ -323,16 +326,23 @@ def check_tiff_colour(page: Any, channels: int, alpha: str | None, p: Path) -> N
         Naming the file and its colour space.
     """
     photometric = int(getattr(page, "photometric", 1))
-    if photometric not in READ_PHOTOMETRIC:
-        name = getattr(getattr(page, "photometric", None), "name", str(photometric))
+    name = getattr(getattr(page, "photometric", None), "name", str(photometric))
+    compression = int(getattr(page, "compression", 1))
+    if photometric not in READ_PHOTOMETRIC or (
+        photometric == 6 and compression not in DECODED_TO_RGB
+    ):
+        stored = f", compression {compression}" if photometric == 6 else ""
         raise InputError(
-            f"unsupported colour space {name} (TIFF photometric {photometric}): save the "
-            "image as RGB or greyscale",
+            f"unsupported colour space {name} (TIFF photometric {photometric}{stored}): save "
+            "the image as RGB or greyscale",
             p,
         )
-    if channels == 2 and alpha is None:
+    colour = channels - (alpha is not None)
+    if photometric == 1 and colour not in (1, 3):
         raise InputError(
-            "2 channels that are not grey + alpha: save the image as RGB or greyscale", p
+            f"{channels} channels that are not grey, grey + alpha or RGB: save the image as "
+            "RGB or greyscale",
+            p,
         )
 
 
