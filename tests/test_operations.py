@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -244,6 +245,58 @@ def test_a_worker_ended_by_a_stop_signal_is_restarted_without_a_notice() -> None
         nanny.removeFilter(notices)
         nanny.setLevel(level)
     assert [m for m in said if m.startswith("Restarting worker")] != [], said
+
+
+def _record(level: int, message: str, name: str = "distributed.nanny") -> Any:
+    import logging
+
+    return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+
+def test_a_crash_after_a_stop_is_still_reported() -> None:
+    """A death by a stop signal whose restart never came (a nanny closing) left a notice due,
+    and the next crash's "Restarting worker" was hidden with it."""
+    import logging
+
+    from wsireg_flow.cli import WorkerRestartNotices
+
+    notices = WorkerRestartNotices()
+    shown = [
+        notices.filter(_record(level, message))
+        for level, message in (
+            (logging.INFO, "Worker process 11 was killed by signal 15"),
+            (logging.WARNING, "Restarting worker (status=Status.running)"),  # hidden
+            (logging.INFO, "Worker process 12 was killed by signal 2"),  # no restart follows
+            (logging.INFO, "Worker process 13 exited with status 1"),  # a crash
+            (logging.WARNING, "Restarting worker (status=Status.running)"),  # shown
+            (logging.INFO, "Worker process 14 was killed by signal 9"),  # SIGKILL: a crash
+            (logging.WARNING, "Restarting worker (status=Status.running)"),  # shown
+            (logging.WARNING, "Worker exceeded 95% memory budget"),  # anything else: shown
+        )
+    ]
+    assert shown == [False, False, False, False, True, False, True, True]
+
+
+def test_warnings_are_one_line_unless_debugging() -> None:
+    import logging
+    import sys
+
+    from wsireg_flow.errors import OneLineFormatter
+
+    try:
+        raise ValueError("bad value\nsecond line")
+    except ValueError:
+        record = _record(logging.WARNING, "could not\nrestart", "distributed.nanny")
+        record.exc_info = sys.exc_info()
+    line = OneLineFormatter().format(record)
+    assert line == (
+        "wsireg-flow: warning: distributed.nanny: could not restart (ValueError: bad value)"
+    )
+    ours = _record(logging.WARNING, "a note", "wsireg_flow.pipeline")
+    assert OneLineFormatter().format(ours) == "wsireg-flow: warning: a note"
+    debug = OneLineFormatter(debug=True).format(record).splitlines()
+    assert debug[:2] == ["wsireg-flow: warning: distributed.nanny: could not", "restart"]
+    assert debug[2] == "Traceback (most recent call last):" and debug[-2] == "ValueError: bad value"
 
 
 _SERVER_PROBE = """

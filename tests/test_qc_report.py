@@ -332,11 +332,12 @@ def test_confidence_maps_share_a_fixed_scale_with_a_colour_bar(tmp_path: Path) -
 def test_run_warnings_reads_a_register_run_or_every_pair_of_a_stack(tmp_path: Path) -> None:
     from wsireg_flow.qc import run_warnings
 
-    def metrics(ok: int, low: int = 1) -> dict[str, Any]:
+    def metrics(ok: int, low: int = 1, score: float = 1.5) -> dict[str, Any]:
         statuses = {"ok": ok, "no gain": 3} if ok else {"no gain": 3, "no tissue": 2}
         if low:
             statuses["low confidence"] = low
-        return {"rigid": {"method": "x", "notes": []}, "levels": [{"statuses": statuses}]}
+        rigid = {"method": "x", "notes": [], "score_final": score}
+        return {"rigid": rigid, "levels": [{"statuses": statuses}]}
 
     pair = tmp_path / "pair"
     pair.mkdir()
@@ -345,9 +346,13 @@ def test_run_warnings_reads_a_register_run_or_every_pair_of_a_stack(tmp_path: Pa
         "no tile on tissue registered at any level (1 low confidence, 3 no gain, 2 no tissue): "
         "the result is the coarse alignment alone; look at qc/overlay.png"
     ]
-    # every tile on tissue without gain: the coarse fit was exact (identical images warned)
-    (pair / "metrics.json").write_text(json.dumps(metrics(0, low=0)))
+    # every tile on tissue without gain after an exact coarse fit (identical images warned)
+    (pair / "metrics.json").write_text(json.dumps(metrics(0, low=0, score=2.5)))
     assert run_warnings(pair) == []
+    # ...but after a poorer fit, gaining nothing is no success
+    (pair / "metrics.json").write_text(json.dumps(metrics(0, low=0, score=1.7)))
+    (warning,) = run_warnings(pair)
+    assert warning.startswith("no tile on tissue registered at any level (3 no gain, 2 no ")
     stack = tmp_path / "stack"
     for name, ok in (("00-onto-01", 2), ("02-onto-01", 0)):
         (stack / "pairs" / name).mkdir(parents=True)

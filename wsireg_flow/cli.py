@@ -568,9 +568,15 @@ def _interrupts(command: str) -> Iterator[None]:
         yield
         return
 
+    stopping: list[int] = []
+
     def stop_now(signum: int, frame: object) -> None:
         # once: GNU timeout signals the command and then its whole process group, so the
-        # command gets the signal twice (it printed the line twice)
+        # command gets the signal twice (it printed the line twice); a second signal arriving
+        # before the first handler ignores them runs this handler again, inside the first
+        if stopping:
+            return
+        stopping.append(signum)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
         print(
@@ -626,9 +632,11 @@ class WorkerRestartNotices(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if record.levelno < logging.WARNING:
-            prefix, _, number = message.rpartition(" was killed by signal ")
-            if prefix.startswith("Worker process") and number.isdigit():
-                self.pending += int(number) in self.TERMINATING
+            if message.startswith("Worker process"):  # a death: by a stop signal or not
+                prefix, _, number = message.rpartition(" was killed by signal ")
+                stopped = bool(prefix) and number.isdigit() and int(number) in self.TERMINATING
+                # any other death's restart is reported, whatever an earlier stop left due
+                self.pending = self.pending + 1 if stopped else 0
             return False
         if message.startswith("Restarting worker") and self.pending:
             self.pending -= 1
@@ -656,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         logging.getLogger("prefect").propagate = False  # not to the root handler below
     handler = logging.StreamHandler()  # sys.stderr
-    handler.setFormatter(OneLineFormatter())
+    handler.setFormatter(OneLineFormatter(debug=args.debug))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     if not args.debug:

@@ -58,13 +58,28 @@ def output_error(exc: BaseException) -> OutputError | None:
 class OneLineFormatter(logging.Formatter):
     """``wsireg-flow: warning: MESSAGE``, as the command line's errors are written. A record
     of another library's logger keeps that logger's name (``wsireg-flow: warning: NAME:
-    MESSAGE``) unless ``names`` is False (for a handler that filters its records itself)."""
+    MESSAGE``) unless ``names`` is False (for a handler that filters its records itself).
 
-    def __init__(self, names: bool = True) -> None:
+    One line: a message's line breaks become spaces, and a logged exception adds its type and
+    first line; with ``debug`` the message keeps its lines and the traceback follows.
+    """
+
+    def __init__(self, names: bool = True, debug: bool = False) -> None:
         super().__init__()
         self.names = names
+        self.debug = debug
 
     def format(self, record: logging.LogRecord) -> str:
         ours = record.name.split(".")[0] in ("wsireg_flow", "flows", "benchmarks_anhir")
         where = f"{record.name}: " if self.names and not ours else ""
-        return f"wsireg-flow: {record.levelname.lower()}: {where}{record.getMessage()}"
+        text = record.getMessage()
+        if self.debug:
+            if record.exc_info:
+                text += "\n" + self.formatException(record.exc_info)
+        else:
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                first = (str(exc).strip().splitlines() or [""])[0]
+                text += f" ({type(exc).__name__}: {first})"
+            text = " ".join(text.split("\n"))
+        return f"wsireg-flow: {record.levelname.lower()}: {where}{text}"

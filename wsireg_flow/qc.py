@@ -333,21 +333,29 @@ def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# the coarse selection score (-2.5..2.5) of a fit the tiles cannot improve: identical images
+# and exact synthetic copies score 2.50; the bundled ANHIR pairs 1.14-2.05
+EXACT_FIT_SCORE = 2.3
+
+
 def quality_warnings(metrics: dict[str, Any]) -> list[str]:
     """What a user should hear about a finished pair, from its ``metrics.json`` dict: a tissue
     scale outside the plausible range (a resolution mismatch no pixel size states), and no
-    tile on tissue registered at any level (the result is the coarse alignment alone). Tiles
-    whose flow gained nothing over the coarse alignment ("no gain") are no failure: when every
-    tile on tissue is one, the coarse alignment was already as good as the tiles could make it
-    (an exact fit, e.g. identical images) and nothing is said."""
+    tile on tissue registered at any level (the result is the coarse alignment alone). Not
+    when every tile on tissue only gained nothing ("no gain") over a coarse fit that scored at
+    least :data:`EXACT_FIT_SCORE`: the images already matched (identical images warned); a
+    "no gain" after a poorer fit still counts as a failure."""
     from wsireg_flow.rigid import SCALE_NOTE
 
-    found = [n for n in metrics.get("rigid", {}).get("notes", []) if n.startswith(SCALE_NOTE)]
+    rigid = metrics.get("rigid", {})
+    found = [n for n in rigid.get("notes", []) if n.startswith(SCALE_NOTE)]
     statuses: dict[str, int] = {}
     for lv in metrics.get("levels", []):
         for status, n in lv.get("statuses", {}).items():
             statuses[status] = statuses.get(status, 0) + n
-    failed = sum(n for s, n in statuses.items() if s not in ("ok", "no gain", "no tissue"))
+    exact = float(rigid.get("score_final", float("nan"))) >= EXACT_FIT_SCORE
+    passed = ("ok", "no tissue", "no gain") if exact else ("ok", "no tissue")
+    failed = sum(n for s, n in statuses.items() if s not in passed)
     if failed and not statuses.get("ok"):
         shown = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         found.append(

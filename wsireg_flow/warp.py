@@ -166,11 +166,12 @@ def warp_slide(
     progress: ProgressFn | None = None,
     frame: str = "target",
 ) -> Path:
-    """Write the source warped into the target frame as an OME-Zarr pyramid (out of core).
+    """Warp ``source`` through ``transform`` (out of core) and write it as an OME-Zarr
+    pyramid: into the target frame through a :class:`Transform`, into the source frame
+    through an :class:`InverseView`, into the reference section's through a stack's chain.
 
     ``nearest`` uses nearest-neighbour sampling (label masks keep their values). ``frame``
-    names the frame ``transform`` maps into, recorded as ``warped_into: "<frame> frame"``
-    (a warp through an :class:`InverseView` is into the source frame).
+    names that frame in the metadata (``warped_into: "<frame> frame"``).
     """
     check_not_over_inputs(out, [source.path])
     level0 = warped_level0(transform, source, chunk, nearest)
