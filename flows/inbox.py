@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from flows.pair import register_pair
 from flows.stack import register_stack
 from wsireg_flow.config import load_config
-from wsireg_flow.errors import ConfigError, OneLineFormatter
+from wsireg_flow.errors import ConfigError, OneLineFormatter, captured_warnings
 from wsireg_flow.manifest import load_manifest, manifest_config, resolve, unsettled
 from wsireg_flow.pipeline import PairJob, check_inputs, holds_this_job
 from wsireg_flow.qc import run_warnings
@@ -190,6 +190,18 @@ def run_manifest(
             out,
             path.stem,
         )
+    # the library's own warnings (a landmark file shorter than the other...) belong to the job:
+    # listed in its result and logged with its name below, not printed on their own
+    with captured_warnings("wsireg_flow") as noted:
+        record = _run_job(job, out, replace)
+    record["warnings"] = [*noted, *run_warnings(out)]  # a result to look at (done/ all the same)
+    for warning in record["warnings"]:
+        (logger or logging.getLogger(__name__)).warning("job %s: %s", path.name, warning)
+    return record
+
+
+def _run_job(job: PairJob | StackJob, out: Path, replace: bool) -> dict[str, Any]:
+    """Run a pair or stack job; returns the JSON-friendly part of its result."""
     if isinstance(job, PairJob):
         ran = register_pair(job, overwrite=replace)
         metrics = json.loads((out / "metrics.json").read_text())
@@ -208,9 +220,6 @@ def run_manifest(
             "metrics": result["metrics"],
             "replaced": replace,
         }
-    record["warnings"] = run_warnings(out)  # a result to look at (done/ all the same)
-    for warning in record["warnings"]:
-        (logger or logging.getLogger(__name__)).warning("job %s: %s", path.name, warning)
     return record
 
 

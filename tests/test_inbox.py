@@ -533,19 +533,30 @@ def test_a_job_worth_a_look_is_done_with_its_warnings(tmp_path: Path) -> None:
     import cv2
 
     from flows.inbox import process_inbox, warnings_to
+    from wsireg_flow.landmarks import read_landmarks, write_landmarks
 
     root, box, runs = _setup(tmp_path)
     small = cv2.resize(cv2.imread(str(SOURCE)), None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(root / "case" / "small.png"), small)
+    # a landmark file shorter than the other: the library's warning was printed on its own,
+    # not listed in the result (the library's warnings now belong to the job)
+    write_landmarks(root / "case" / "short.csv", read_landmarks(SOURCE_LM)[:70] * 0.3)
     _age(root)
-    text = f"kind: pair\ntarget: case/{TARGET.name}\nsource: case/small.png\n"
+    text = (
+        f"kind: pair\ntarget: case/{TARGET.name}\nsource: case/small.png\n"
+        f"target_landmarks: case/{TARGET_LM.name}\nsource_landmarks: case/short.csv\n"
+    )
     _drop(box, "job.yaml", text)
     stderr = io.StringIO()
     with warnings_to(stderr):  # as `serve --once` runs it
         summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
     assert summary == {"done": ["job.yaml"], "failed": [], "waiting": []}
     result = json.loads((box / "done" / "job.result.json").read_text())
-    assert result["warnings"][0].startswith("the tissue areas imply a scale of 0.29,")
+    assert result["warnings"][0] == (
+        f"{root / 'case' / TARGET_LM.name} has 80 landmarks, {root / 'case' / 'short.csv'} has "
+        "70: rows 1-70 of each are paired (ANHIR convention)"
+    )
+    assert result["warnings"][1].startswith("the tissue areas imply a scale of 0.29,")
     assert stderr.getvalue().splitlines() == [
         f"wsireg-flow: warning: job job.yaml: {w}" for w in result["warnings"]
     ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # errors of writing that no retry heals: disk full, quota, read-only file system, permission
@@ -83,3 +85,27 @@ class OneLineFormatter(logging.Formatter):
                 text += f" ({type(exc).__name__}: {first})"
             text = " ".join(text.split("\n"))
         return f"wsireg-flow: {record.levelname.lower()}: {where}{text}"
+
+
+@contextmanager
+def captured_warnings(name: str) -> Iterator[list[str]]:
+    """Collect, instead of printing, the warnings of logger ``name`` (and its children) while
+    the block runs; yields the list their messages are appended to."""
+    logger = logging.getLogger(name)
+    records: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = _Collect(level=logging.WARNING)
+    propagate, level = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        logger.setLevel(level)

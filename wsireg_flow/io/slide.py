@@ -17,7 +17,6 @@ The physical pixel size is in micrometres per level-0 pixel.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from xml.etree import ElementTree
 import dask.array as da
 import numpy as np
 
-from wsireg_flow.errors import InputError
+from wsireg_flow.errors import InputError, captured_warnings
 from wsireg_flow.pyramid import level_downsamples
 
 TIFF_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".scn")
@@ -247,7 +246,7 @@ def _open_tiff(p: Path) -> Slide:
     import tifffile
     import zarr
 
-    with _capture_log("tifffile") as warnings:
+    with captured_warnings("tifffile") as warnings:
         try:
             tf = tifffile.TiffFile(p)
             all_series = list(tf.series)
@@ -636,26 +635,3 @@ class _OverWhiteView:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-@contextmanager
-def _capture_log(name: str) -> Iterator[list[str]]:
-    """Collect (and silence) a library logger's warnings while the block runs."""
-    logger = logging.getLogger(name)
-    records: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    handler = _Collect(level=logging.WARNING)
-    propagate, level = logger.propagate, logger.level
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.WARNING)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-        logger.setLevel(level)
