@@ -158,6 +158,7 @@ def run_manifest(
     (``runs/<manifest stem>``) holds another job, from an earlier manifest of the same name,
     that run is replaced (with a warning). The same job resumes, or returns at once when done.
     """
+    log = logger or logging.getLogger(__name__)
     m = load_manifest(path)
     cfg = manifest_config(m, load_config(config_file), path)
     out = runs / path.stem
@@ -184,7 +185,7 @@ def run_manifest(
         job.validate()
     replace = holds_other_job(job)
     if replace:
-        (logger or logging.getLogger(__name__)).warning(
+        log.warning(
             "job %s: %s holds the results of another job (an earlier %s manifest); replacing them",
             path.name,
             out,
@@ -196,7 +197,7 @@ def run_manifest(
         record = _run_job(job, out, replace)
     record["warnings"] = [*noted, *run_warnings(out)]  # a result to look at (done/ all the same)
     for warning in record["warnings"]:
-        (logger or logging.getLogger(__name__)).warning("job %s: %s", path.name, warning)
+        log.warning("job %s: %s", path.name, warning)
     return record
 
 

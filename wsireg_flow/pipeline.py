@@ -61,6 +61,8 @@ from wsireg_flow.stages import (
     fingerprint,
     holds_results,
     is_complete,
+    other_results,
+    read_json_object,
     remove_partials,
     resolved_path,
     run_dir_lock,
@@ -172,7 +174,7 @@ def check_run_dir(job: PairJob, overwrite: bool = False) -> None:
     if overwrite and holds_results(d):
         check_replaceable(d, "register run", RUN_ENTRIES)
     if not overwrite and holds_results(d) and not holds_this_job(job):
-        raise WsiregError(_another_job(job), d)
+        raise _another_job(job)
 
 
 def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
@@ -188,7 +190,7 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
     check_not_over_inputs(d, job.inputs())
     if holds_results(d):
         if not overwrite and not holds_this_job(job):
-            raise WsiregError(_another_job(job), d)
+            raise _another_job(job)
         if overwrite:
             check_replaceable(d, "register run", RUN_ENTRIES)
             empty_run_dir(d)
@@ -204,18 +206,10 @@ def prepare_run_dir(job: PairJob, overwrite: bool = False) -> None:
 _IDENTITY_KEYS = ("target", "source")
 
 
-def _recorded_job(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        old = json.loads((run_dir / "job.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
 def holds_this_job(job: PairJob) -> bool:
     """Whether the run directory's ``job.json`` records this job's target and source (paths
     compared resolved: records written before paths were resolved hold them as typed)."""
-    old = _recorded_job(job.run_dir)
+    old = read_json_object(job.run_dir / "job.json")
     if old is None:
         return False
     new = job.describe()
@@ -224,13 +218,13 @@ def holds_this_job(job: PairJob) -> bool:
     )
 
 
-def _another_job(job: PairJob) -> str:
+def _another_job(job: PairJob) -> WsiregError:
     """The refusal of a run directory holding other results, saying whose when it can."""
-    old = _recorded_job(job.run_dir)
+    old = read_json_object(job.run_dir / "job.json")
     whose = ""
     if old is not None and all(isinstance(old.get(k), str) for k in _IDENTITY_KEYS):
         whose = f" (target {old['target']}, source {old['source']})"
-    return f"run directory exists and holds other results{whose} (use --overwrite to replace it)"
+    return other_results(job.run_dir, whose)
 
 
 # -- stage implementations (each returns its outputs, relative to the run directory) ---------

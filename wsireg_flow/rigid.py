@@ -440,8 +440,9 @@ def selection_score(
         tm = _small(target_mask.astype(np.float32), f)
         sm = _small(source_mask.astype(np.float32), f)
         m = sd @ matrix @ np.linalg.inv(sd)
-        score += 0.5 * ncc(tm, warp_affine(sm, m, tm.shape), overlap(tm.shape, sm.shape, m))
-        coverage = tissue_coverage(tm > 0.5, sm > 0.5, m)
+        both = overlap(tm.shape, sm.shape, m)
+        score += 0.5 * ncc(tm, warp_affine(sm, m, tm.shape), both)
+        coverage = tissue_coverage(tm > 0.5, sm > 0.5, m, both)
         if coverage is not None:  # a penalty: scaling would favour a poor negative score
             score -= COVERAGE_PENALTY * max(0.0, 1.0 - coverage / FULL_COVERAGE)
     return score
@@ -455,18 +456,23 @@ COVERAGE_PENALTY = 5.0
 
 
 def tissue_coverage(
-    target_mask: np.ndarray, source_mask: np.ndarray, matrix: np.ndarray
+    target_mask: np.ndarray,
+    source_mask: np.ndarray,
+    matrix: np.ndarray,
+    both: np.ndarray | None = None,
 ) -> float | None:
     """The larger of the shares of target tissue and of source tissue that lie in the
     :func:`overlap` of the two images under the target->source affine ``matrix`` (masks (y, x)
     bool). 1 when one image's tissue lies wholly inside the other, as when a source shows a
     part of the target; small for an alignment that overlaps the images only at an edge; 0
-    for a singular matrix. None when a mask is empty (no tissue to cover)."""
+    for a singular matrix. None when a mask is empty (no tissue to cover). ``both``: that
+    overlap, when the caller has it already."""
     if not target_mask.any() or not source_mask.any():
         return None
     if abs(np.linalg.det(matrix[:2, :2])) < 1e-9:
         return 0.0
-    both = overlap(target_mask.shape, source_mask.shape, matrix)
+    if both is None:
+        both = overlap(target_mask.shape, source_mask.shape, matrix)
     inside = (
         warp_affine(
             _inner(target_mask.shape).astype(np.uint8), np.linalg.inv(matrix), source_mask.shape[:2]

@@ -44,8 +44,11 @@ from wsireg_flow.stages import (
     empty_run_dir,
     file_fingerprint,
     fingerprint,
+    first_names,
     holds_results,
     is_complete,
+    other_results,
+    read_json_object,
     remove_partials,
     resolved_path,
     run_stage,
@@ -214,7 +217,7 @@ def holds_this_stack(job: StackJob) -> bool:
     """Whether the run directory's ``stack.json`` records this stack: its sections and
     reference (paths compared resolved). Other landmark files re-run the stages that read them
     (their fingerprints record the files)."""
-    old = _recorded_stack(job.run_dir)
+    old = read_json_object(job.run_dir / "stack.json")
     if old is None:
         return False
     # records written before paths were resolved hold them as typed
@@ -223,25 +226,14 @@ def holds_this_stack(job: StackJob) -> bool:
     return all(old.get(k) == new[k] for k in ("sections", "reference"))
 
 
-def _recorded_stack(run_dir: Path) -> dict[str, Any] | None:
-    f = run_dir / "stack.json"
-    try:
-        old = json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def _another_stack(job: StackJob) -> str:
+def _another_stack(job: StackJob) -> WsiregError:
     """The refusal of a run directory holding other results, naming the stack it holds."""
-    old = _recorded_stack(job.run_dir)
+    old = read_json_object(job.run_dir / "stack.json")
     sections = old.get("sections") if old is not None else None
     whose = ""
     if isinstance(sections, list) and all(isinstance(p, str) for p in sections):
-        names = ", ".join(Path(p).name for p in sections[:3])
-        more = f" and {len(sections) - 3} more" if len(sections) > 3 else ""
-        whose = f" (a stack of {names}{more})"
-    return f"run directory exists and holds other results{whose} (use --overwrite to replace it)"
+        whose = f" (a stack of {first_names([Path(p).name for p in sections])})"
+    return other_results(job.run_dir, whose)
 
 
 def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -254,7 +246,7 @@ def check_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     if overwrite:
         check_replaceable(job.run_dir, "stack run", STACK_ENTRIES)
     elif holds_results(job.run_dir) and not holds_this_stack(job):
-        raise WsiregError(_another_stack(job), job.run_dir)
+        raise _another_stack(job)
 
 
 def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
@@ -269,7 +261,7 @@ def prepare_stack_dir(job: StackJob, overwrite: bool = False) -> None:
     if holds_results(d):
         same = holds_this_stack(job)
         if not same and not overwrite:
-            raise WsiregError(_another_stack(job), d)
+            raise _another_stack(job)
         if overwrite:
             check_replaceable(d, "stack run", STACK_ENTRIES)
             empty_run_dir(d)

@@ -141,6 +141,30 @@ def check_not_over_inputs(
 PYRAMID = "OME-Zarr pyramid"
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (a run's ``job.json``, ``stack.json``...), or None when the
+    file is missing, unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def first_names(names: Sequence[str], n: int = 3) -> str:
+    """``names`` joined for a message, at most ``n`` of them ("a, b, c and 4 more")."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def other_results(run_dir: Path, whose: str = "") -> WsiregError:
+    """The refusal of a run directory that holds another job's results (``whose``: which job,
+    when known, as " (...)")."""
+    return WsiregError(
+        f"run directory exists and holds other results{whose} (use --overwrite to replace it)",
+        run_dir,
+    )
+
+
 def _foreign_entries(path: Path, entries: frozenset[str] | None) -> list[str]:
     """Entries of the folder ``path`` that are not among ``entries`` (None: an OME-Zarr
     pyramid wsireg-flow wrote), its lock file and temporary names aside."""
@@ -180,12 +204,9 @@ def check_replaceable(
         raise WsiregError("exists and is not a directory", p)
     foreign = _foreign_entries(p, entries)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
         raise WsiregError(
-            f"holds {shown}, which no {kind} of wsireg-flow holds: only what wsireg-flow wrote "
-            "is replaced; choose another output or empty it yourself",
+            f"holds {first_names(foreign)}, which no {kind} of wsireg-flow holds: only what "
+            "wsireg-flow wrote is replaced; choose another output or empty it yourself",
             p,
         )
 
