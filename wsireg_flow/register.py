@@ -38,6 +38,7 @@ from wsireg_flow.pyramid import level_for_max_side
 from wsireg_flow.rigid import RigidResult, coarse_alignment
 from wsireg_flow.tissue import (
     IntensityStats,
+    data_region,
     intensity_stats,
     normalized_intensity,
     optical_density,
@@ -181,7 +182,9 @@ def coarse(
 
     Each image is cropped to its scanned box first (:func:`scanned_box`): the straight edges
     where a cut section meets white padding would otherwise pull both images into place at
-    the identity. The crop offsets are composed back into the matrix (x, y level px).
+    the identity. The crop offsets are composed back into the matrix (x, y level px). White
+    padding left inside the box (a rotated region's corners, a slide's unscanned areas) is no
+    data to the coarse score and ECC (:func:`wsireg_flow.tissue.data_region`).
     """
     t_rgb = _read_level(target, pre.target_level)
     s_rgb = _read_level(source, pre.source_level)
@@ -189,7 +192,13 @@ def coarse(
     t_int = normalized_intensity(t_rgb[ty, tx], pre.target_stats)
     s_int = normalized_intensity(s_rgb[sy, sx], pre.source_stats)
     rigid = coarse_alignment(
-        t_int, s_int, pre.target_mask[ty, tx], pre.source_mask[sy, sx], cfg.rigid
+        t_int,
+        s_int,
+        pre.target_mask[ty, tx],
+        pre.source_mask[sy, sx],
+        cfg.rigid,
+        data_region(t_rgb[ty, tx]),
+        data_region(s_rgb[sy, sx]),
     )
     rigid.matrix = (
         translation(sx.start, sy.start) @ rigid.matrix @ translation(-tx.start, -ty.start)

@@ -350,41 +350,74 @@ def ecc_refine(
     matrix: np.ndarray,
     cfg: RigidConfig,
     sizes: tuple[int, ...] = (128, 256, 512),
+    target_data: np.ndarray | None = None,
+    source_data: np.ndarray | None = None,
 ) -> np.ndarray:
     """Refine a target->source affine by ECC, coarse to fine over ``sizes`` px.
 
     Images are blurred (sigma 1 px at each size). A step is kept only when it converges, stays
     plausible and raises the NCC at that size; the input matrix comes back when none does.
     With ``cfg.model == "similarity"`` each ECC affine is projected to the nearest similarity
-    (OpenCV's Euclidean ECC motion has no scale).
+    (OpenCV's Euclidean ECC motion has no scale). ``target_data``, ``source_data``: (y, x)
+    bool masks of the pixels holding data (None: all do); with either, ECC and the NCC see
+    only the :func:`overlap` of the data (padding's straight edges would pull the fit).
     """
     center = ((target.shape[1] - 1) / 2, (target.shape[0] - 1) / 2)
+    masked = target_data is not None or source_data is not None
     for size in sizes:
         f = min(1.0, size / max(target.shape))
         t, s = _small(target, f, 1.0), _small(source, f, 1.0)
         sd = _scale_matrix(f)
         m_small = sd @ matrix @ np.linalg.inv(sd)
         warp = np.ascontiguousarray(m_small[:2], dtype=np.float32)
+        t_data, s_data = data_mask(target_data, f), data_mask(source_data, f)
         try:
-            _, warp = cv2.findTransformECC(
-                t,
-                s,
-                warp,
-                cv2.MOTION_AFFINE,
-                (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5),
-                None,
-                1,
-            )
+            warp = _ecc(t, s, warp, t_data, s_data, masked)
         except cv2.error:
             continue
         cand = np.linalg.inv(sd) @ as3x3(warp) @ sd
         if cfg.model == "similarity":
             cand = nearest_similarity(cand, center)
-        before = ncc(t, warp_affine(s, m_small, t.shape))
-        after = ncc(t, warp_affine(s, sd @ cand @ np.linalg.inv(sd), t.shape))
+        before = _agreement(t, s, m_small, t_data, s_data, masked)
+        after = _agreement(t, s, sd @ cand @ np.linalg.inv(sd), t_data, s_data, masked)
         if after > before and plausibility(cand, cfg) is None:
             matrix = cand
     return matrix
+
+
+def _ecc(
+    t: np.ndarray,
+    s: np.ndarray,
+    warp: np.ndarray,
+    t_data: np.ndarray | None,
+    s_data: np.ndarray | None,
+    masked: bool,
+) -> np.ndarray:
+    """One OpenCV ECC affine fit (2x3 float32, target->source at this size); with ``masked``
+    only pixels holding data in both images count (None masks: all pixels)."""
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
+    if not masked:
+        return cv2.findTransformECC(t, s, warp, cv2.MOTION_AFFINE, criteria, None, 1)[1]
+    ones_t, ones_s = np.ones(t.shape, bool), np.ones(s.shape, bool)
+    t_mask = (ones_t if t_data is None else t_data).astype(np.uint8)
+    s_mask = (ones_s if s_data is None else s_data).astype(np.uint8)
+    return cv2.findTransformECCWithMask(t, s, t_mask, s_mask, warp, cv2.MOTION_AFFINE, criteria, 1)[
+        1
+    ]
+
+
+def _agreement(
+    t: np.ndarray,
+    s: np.ndarray,
+    m: np.ndarray,
+    t_data: np.ndarray | None,
+    s_data: np.ndarray | None,
+    masked: bool,
+) -> float:
+    """NCC of ``t`` and ``s`` warped by ``m``: over the :func:`overlap` of their data when
+    ``masked``, else over the whole of ``t`` (outside the source: 0)."""
+    both = overlap(t.shape, s.shape, m, 3, t_data, s_data) if masked else None
+    return ncc(t, warp_affine(s, m, t.shape), both)
 
 
 def _inner(shape: tuple[int, ...], margin: int = 3) -> np.ndarray:
@@ -399,12 +432,31 @@ def overlap(
     source_shape: tuple[int, ...],
     matrix: np.ndarray,
     margin: int = 3,
+    target_data: np.ndarray | None = None,
+    source_data: np.ndarray | None = None,
 ) -> np.ndarray:
     """(y, x) mask of the target pixels at least ``margin`` px from the target's edge that
     the target->source affine ``matrix`` maps at least ``margin`` px inside the source: where
-    both images have data (:func:`selection_score` compares only these)."""
-    inner = _inner(source_shape, margin).astype(np.uint8)
-    return _inner(target_shape, margin) & (warp_affine(inner, matrix, target_shape[:2]) > 0)
+    both images have data (:func:`selection_score` compares only these). ``target_data`` and
+    ``source_data``: (y, x) bool masks of each image's pixels that hold data (None: all do;
+    see :func:`data_mask`)."""
+    inner_t, inner_s = _inner(target_shape, margin), _inner(source_shape, margin)
+    if target_data is not None:
+        inner_t &= target_data
+    if source_data is not None:
+        inner_s &= source_data
+    return inner_t & (warp_affine(inner_s.astype(np.uint8), matrix, target_shape[:2]) > 0)
+
+
+def data_mask(scanned: np.ndarray | None, f: float, margin: int = 3) -> np.ndarray | None:
+    """A (y, x) bool mask of the pixels holding data (see :func:`wsireg_flow.tissue.scanned`),
+    resized by ``f`` like :func:`_small` and shrunk by ``margin`` px (the blur of the
+    resized images spreads padding into its neighbours). None stays None (all data)."""
+    if scanned is None:
+        return None
+    small = cv2.resize(scanned.astype(np.float32), None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+    kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    return cv2.erode((small > 0.5).astype(np.uint8), kernel, borderValue=1) > 0
 
 
 def selection_score(
@@ -413,6 +465,8 @@ def selection_score(
     target_mask: np.ndarray | None,
     source_mask: np.ndarray | None,
     matrix: np.ndarray,
+    target_data: np.ndarray | None = None,
+    source_data: np.ndarray | None = None,
 ) -> float:
     """Score used to choose among refined candidates (higher is better).
 
@@ -425,7 +479,9 @@ def selection_score(
     directions). Over the whole target frame
     (beyond the source's edge a fill of glass) a source showing part of the target scored
     best stretched over all of it: a correct partial overlap counted the target's tissue
-    outside the source as a mismatch.
+    outside the source as a mismatch. For the same reason the overlap leaves out padding
+    (``target_data``, ``source_data``: (y, x) bool, False where an image holds no data, e.g.
+    the white corners of a rotated crop; None: data everywhere).
     """
     score = 0.0
     for size, sigma in ((256, 2.0), (512, 1.0)):
@@ -433,16 +489,18 @@ def selection_score(
         sd = _scale_matrix(f)
         t, s = _small(target, f, sigma), _small(source, f, sigma)
         m = sd @ matrix @ np.linalg.inv(sd)
-        score += ncc(t, warp_affine(s, m, t.shape), overlap(t.shape, s.shape, m))
+        both = overlap(t.shape, s.shape, m, 3, data_mask(target_data, f), data_mask(source_data, f))
+        score += ncc(t, warp_affine(s, m, t.shape), both)
     if target_mask is not None and source_mask is not None:
         f = 256 / max(target.shape)
         sd = _scale_matrix(f)
         tm = _small(target_mask.astype(np.float32), f)
         sm = _small(source_mask.astype(np.float32), f)
         m = sd @ matrix @ np.linalg.inv(sd)
-        both = overlap(tm.shape, sm.shape, m)
+        t_data, s_data = data_mask(target_data, f), data_mask(source_data, f)
+        both = overlap(tm.shape, sm.shape, m, 3, t_data, s_data)
         score += 0.5 * ncc(tm, warp_affine(sm, m, tm.shape), both)
-        coverage = tissue_coverage(tm > 0.5, sm > 0.5, m, both)
+        coverage = tissue_coverage(tm > 0.5, sm > 0.5, m, both, t_data)
         if coverage is not None:  # a penalty: scaling would favour a poor negative score
             score -= COVERAGE_PENALTY * max(0.0, 1.0 - coverage / FULL_COVERAGE)
     return score
@@ -460,25 +518,25 @@ def tissue_coverage(
     source_mask: np.ndarray,
     matrix: np.ndarray,
     both: np.ndarray | None = None,
+    target_data: np.ndarray | None = None,
 ) -> float | None:
     """The larger of the shares of target tissue and of source tissue that lie in the
     :func:`overlap` of the two images under the target->source affine ``matrix`` (masks (y, x)
     bool). 1 when one image's tissue lies wholly inside the other, as when a source shows a
     part of the target; small for an alignment that overlaps the images only at an edge; 0
     for a singular matrix. None when a mask is empty (no tissue to cover). ``both``: that
-    overlap, when the caller has it already."""
+    overlap, when the caller has it already; ``target_data``: (y, x) bool, the target's pixels
+    holding data (None: all; the source's are in ``both``)."""
     if not target_mask.any() or not source_mask.any():
         return None
     if abs(np.linalg.det(matrix[:2, :2])) < 1e-9:
         return 0.0
     if both is None:
-        both = overlap(target_mask.shape, source_mask.shape, matrix)
-    inside = (
-        warp_affine(
-            _inner(target_mask.shape).astype(np.uint8), np.linalg.inv(matrix), source_mask.shape[:2]
-        )
-        > 0
-    )
+        both = overlap(target_mask.shape, source_mask.shape, matrix, 3, target_data)
+    inner_t = _inner(target_mask.shape)
+    if target_data is not None:
+        inner_t &= target_data
+    inside = warp_affine(inner_t.astype(np.uint8), np.linalg.inv(matrix), source_mask.shape[:2]) > 0
     shares = [
         (target_mask & both).sum() / target_mask.sum(),
         (source_mask & inside).sum() / source_mask.sum(),
@@ -499,11 +557,14 @@ def coarse_alignment(
     target_mask: np.ndarray | None,
     source_mask: np.ndarray | None,
     cfg: RigidConfig,
+    target_data: np.ndarray | None = None,
+    source_data: np.ndarray | None = None,
 ) -> RigidResult:
     """Coarse target->source affine at the working level (see module docstring).
 
     Candidates (feature fit when plausible, rotation search always) are refined by ECC and the
-    one with the best :func:`selection_score` wins.
+    one with the best :func:`selection_score` wins. ``target_data``, ``source_data``: (y, x)
+    bool masks of the pixels holding data (False on padding; None: all hold data).
 
     Raises
     ------
@@ -525,14 +586,15 @@ def coarse_alignment(
     elif feat is not None:
         notes.extend(feat.notes)
     candidates.extend(rotation_search(target, source, target_mask, source_mask, cfg))
-    identity = selection_score(target, source, target_mask, source_mask, np.eye(3))
+    data = {"target_data": target_data, "source_data": source_data}
+    identity = selection_score(target, source, target_mask, source_mask, np.eye(3), **data)
     for c in candidates:
         if cfg.refine == "ecc":
-            refined = ecc_refine(target, source, c.matrix, cfg)
+            refined = ecc_refine(target, source, c.matrix, cfg, **data)
             if refined is not c.matrix:
                 c.matrix, c.method = refined, c.method + "+ecc"
         c.score_initial = identity
-        c.score_final = selection_score(target, source, target_mask, source_mask, c.matrix)
+        c.score_final = selection_score(target, source, target_mask, source_mask, c.matrix, **data)
     ok = [c for c in candidates if plausibility(c.matrix, cfg) is None]
     if not ok:
         reasons = "; ".join(str(plausibility(c.matrix, cfg)) for c in candidates)

@@ -31,6 +31,19 @@ def scanned(rgb: np.ndarray) -> np.ndarray:
     return img.min(axis=-1) < white_level(img.dtype)
 
 
+def data_region(rgb: np.ndarray, min_fraction: float = 0.001) -> np.ndarray | None:
+    """(y, x) bool: False on padding, the exactly white regions (see :func:`scanned`) of at
+    least ``min_fraction`` of the image (8-connected), such as the corners of a rotated crop;
+    None when there is none. Lone saturated pixels of a JPEG scan's glass are not padding."""
+    padding = ~scanned(rgb)
+    least = min_fraction * padding.size
+    if padding.sum() < least:
+        return None
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(padding.astype(np.uint8), None, 8)
+    large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
+    return None if large.size == 0 else ~np.isin(labels, large)
+
+
 def white_level(dtype: np.dtype) -> float:
     """The value of white: the integer dtype's maximum (255 for uint8), 255 for floats."""
     dtype = np.dtype(dtype)
