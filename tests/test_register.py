@@ -398,25 +398,30 @@ def test_coarse_alignment_of_a_source_showing_part_of_the_target(
     assert np.median(err) < 1.0 and err.max() < 3.0
 
 
-def _rotated_padded(crop: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """``crop`` turned by ``angle`` degrees on a canvas just large enough, padded exactly
-    white (as an exported rotated region is), and the crop -> canvas affine (3x3, (x, y))."""
+def _rotated_padded(
+    crop: np.ndarray, angle: float, fill: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
+    """``crop`` turned by ``angle`` degrees on a canvas just large enough, padded with
+    ``fill`` in every channel (as an exported rotated region is), and the crop -> canvas
+    affine (3x3, (x, y))."""
     h, w = crop.shape[:2]
     m = np.vstack([cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0), [0, 0, 1]])
     corners = apply_affine(m, np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float))
     lo, hi = corners.min(0), corners.max(0)
     m = np.array([[1, 0, -lo[0]], [0, 1, -lo[1]], [0, 0, 1.0]]) @ m
     size = (int(np.ceil(hi[0] - lo[0] + 1)), int(np.ceil(hi[1] - lo[1] + 1)))  # (w, h)
-    canvas = cv2.warpAffine(crop, m[:2], size, flags=cv2.INTER_LINEAR, borderValue=(255,) * 3)
+    canvas = cv2.warpAffine(crop, m[:2], size, flags=cv2.INTER_LINEAR, borderValue=(fill,) * 3)
     return canvas, m
 
 
-def test_coarse_alignment_of_a_rotated_crop_padded_white(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fill", [255, 0], ids=["white", "black"])
+def test_coarse_alignment_of_a_rotated_crop_padded(tmp_path: Path, fill: int) -> None:
     """A source that is a region of the target turned by 20 degrees and padded exactly white
     (an exported rotated region; Aperio slides also hold white unscanned areas) was 181 px off
     (median, an audit's case): the coarse score and ECC took the padded corners for glass
-    facing the target's tissue, and a wrong scale won. Padding is now no data: the score and
-    ECC see only where both images hold data. Run through :func:`register.coarse` on slides."""
+    facing the target's tissue, and a wrong scale won; padded black, the corners were dense
+    tissue (200 px). Padding is now no data: the score and ECC see only where both images
+    hold data. Run through :func:`register.coarse` on slides."""
     from wsireg_flow.geometry import translation
     from wsireg_flow.register import coarse, preprocess
     from wsireg_flow.tissue import data_region
@@ -424,7 +429,7 @@ def test_coarse_alignment_of_a_rotated_crop_padded_white(tmp_path: Path) -> None
     he = cv2.imread(str(ROOT / "data/anhir-sample/rat-kidney_/scale-5pc/Rat-Kidney_HE.jpg"))
     y0, x0 = 197, 291
     crop = np.ascontiguousarray(he[y0 : y0 + 394, x0 : x0 + 582])
-    source, rot = _rotated_padded(crop, 20.0)
+    source, rot = _rotated_padded(crop, 20.0, fill)
     cv2.imwrite(str(tmp_path / "target.png"), he)
     cv2.imwrite(str(tmp_path / "source.png"), source)
     assert data_region(source[..., ::-1]) is not None and data_region(he[..., ::-1]) is None
@@ -435,7 +440,7 @@ def test_coarse_alignment_of_a_rotated_crop_padded_white(tmp_path: Path) -> None
     ys, xs = np.mgrid[y0 + 20 : y0 + 374 : 30, x0 + 20 : x0 + 562 : 30]
     pts = np.c_[xs.ravel(), ys.ravel()].astype(np.float64)
     err = np.linalg.norm(apply_affine(affine0, pts) - apply_affine(truth, pts), axis=1)
-    print(f"\n[rotated crop padded white] median {np.median(err):.2f} px, max {err.max():.2f}")
+    print(f"\n[rotated crop padded {fill}] median {np.median(err):.2f} px, max {err.max():.2f}")
     assert np.median(err) < 1.0 and err.max() < 3.0
 
 

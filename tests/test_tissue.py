@@ -18,6 +18,7 @@ from wsireg_flow.qc import tissue_figure
 from wsireg_flow.register import Prepared
 from wsireg_flow.synthetic import synthesize_pair
 from wsireg_flow.tissue import (
+    data_region,
     glass_level,
     optical_density,
     scanned_box,
@@ -150,6 +151,27 @@ def test_wide_white_margin_does_not_make_the_whole_scan_tissue() -> None:
     assert 0.8 < alone.mean() < 0.9
     assert padded.mean() == pytest.approx(alone.mean(), abs=0.01)
     assert (alone & padded).sum() / (alone | padded).sum() > 0.98
+
+
+def test_black_padding_is_no_data_not_tissue() -> None:
+    """Exactly black pixels are padding, like exactly white ones: a section on a canvas padded
+    black (a rotated export) was all tissue (its black margin had the highest optical
+    density); near-black (1 in every channel) is still dense."""
+    lung = DATA / "anhir-sample" / "lung-lesion_3" / "scale-5pc" / "29-041-Izd2-w35-Cc10-5-les3.jpg"
+    rgb = cv2.cvtColor(cv2.imread(str(lung)), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    canvas = np.zeros((800, 2000, 3), np.uint8)
+    canvas[70 : 70 + h, 500 : 500 + w] = rgb
+    od = optical_density(np.array([[[0, 0, 0], [1, 1, 1], [255, 255, 255]]], np.uint8))
+    assert od[0, 0] == 0.0 and od[0, 1] > 6.0 and od[0, 2] == 0.0
+    mask = tissue_mask(canvas)
+    assert not mask[:70].any() and not mask[:, :500].any()
+    inside = mask[70 : 70 + h, 500 : 500 + w]
+    alone = tissue_mask(rgb)
+    assert (alone & inside).sum() / (alone | inside).sum() > 0.98
+    assert scanned_box(canvas) == (slice(70, 70 + h), slice(500, 500 + w))
+    data = data_region(canvas)
+    assert data is not None and data.sum() == pytest.approx(h * w, rel=0.001)
 
 
 def test_scanned_box_is_the_box_of_pixels_that_are_not_exactly_white() -> None:

@@ -24,17 +24,18 @@ def _channels(rgb: np.ndarray) -> np.ndarray:
 
 
 def scanned(rgb: np.ndarray) -> np.ndarray:
-    """(y, x) bool: pixels not exactly white in every channel. Exactly white pixels are
-    padding with no data (outside a scanner's scanned area, or a canvas an image was pasted
-    on), not glass."""
+    """(y, x) bool: pixels not exactly white and not exactly black in every channel. Such
+    pixels are padding with no data (outside a scanner's scanned area, the corners of a
+    rotated export, a canvas an image was pasted on), not glass and not tissue."""
     img = _channels(rgb)
-    return img.min(axis=-1) < white_level(img.dtype)
+    return (img.min(axis=-1) < white_level(img.dtype)) & (img.max(axis=-1) > 0)
 
 
 def data_region(rgb: np.ndarray, min_fraction: float = 0.001) -> np.ndarray | None:
-    """(y, x) bool: False on padding, the exactly white regions (see :func:`scanned`) of at
-    least ``min_fraction`` of the image (8-connected), such as the corners of a rotated crop;
-    None when there is none. Lone saturated pixels of a JPEG scan's glass are not padding."""
+    """(y, x) bool: False on padding, the exactly white or black regions (see
+    :func:`scanned`) of at least ``min_fraction`` of the image (8-connected), such as the
+    corners of a rotated crop; None when there is none. Lone saturated pixels of a JPEG
+    scan's glass are not padding."""
     padding = ~scanned(rgb)
     least = min_fraction * padding.size
     if padding.sum() < least:
@@ -54,15 +55,19 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     """Sum over channels of the optical density -log10((I + u) / (white + u)), as (y, x)
     float32, with white from :func:`white_level` and u = white / 255 (1 for uint8).
 
-    0 for white; about 2.4 per channel for black, whatever the bit depth: a 16-bit image with
-    the values of an 8-bit one times 257 has exactly its optical density. Works for
+    0 for white; about 2.4 per channel for near-black, whatever the bit depth: a 16-bit image
+    with the values of an 8-bit one times 257 has exactly its optical density. Exactly black
+    pixels (0 in every channel) are padding, like exactly white ones, and get 0: a rotated
+    export padded black would otherwise be dense tissue with straight edges. Works for
     grayscale (c = 1) too.
     """
     img = _channels(rgb)
     white = white_level(img.dtype)
     unit = white / 255.0
     od = -np.log10((img.astype(np.float32) + np.float32(unit)) / np.float32(white + unit))
-    return od.sum(axis=-1, dtype=np.float32)
+    total = od.sum(axis=-1, dtype=np.float32)
+    total[img.max(axis=-1) == 0] = 0.0
+    return total
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,8 @@ def glass_level(rgb: np.ndarray, od: np.ndarray, below: float) -> GlassLevel | N
     The glass peak is the brightest (lowest OD) local maximum of the histogram (0.005 bins,
     smoothed over 3) at least a quarter as high as its highest bin: pale tissue can outnumber
     the glass, but nothing is brighter. Scanned glass is a narrow peak (summed OD 0.03-0.1 and
-    spread under 0.02 on the bundled slides). Pixels that are exactly white in every channel are
-    left out: they are padding with no data (outside the scanned area), not glass. The spread is
+    spread under 0.02 on the bundled slides). Pixels that are exactly white (or black) in every
+    channel are left out: they are padding with no data (:func:`scanned`), not glass. The spread is
     the RMS distance to the peak of the pixels up to 0.1 below it (the dark side holds faint
     tissue). None when fewer than 1 % of the pixels are candidates, the peak is not bright
     (OD > 0.3) or it is not narrow (spread > 0.03): then the image has no usable glass.
@@ -138,8 +143,8 @@ def glass_level(rgb: np.ndarray, od: np.ndarray, below: float) -> GlassLevel | N
 
 
 def scanned_box(rgb: np.ndarray) -> tuple[slice, slice]:
-    """(y, x) slices of the bounding box of the scanned pixels: those not exactly white in
-    every channel (white from :func:`white_level`). Exactly white padding outside that box
+    """(y, x) slices of the bounding box of the scanned pixels: those not exactly white
+    (from :func:`white_level`) or black in every channel. Such padding outside that box
     holds no data. The whole image when nothing was scanned."""
     data = scanned(rgb)
     rows, cols = np.flatnonzero(data.any(axis=1)), np.flatnonzero(data.any(axis=0))
@@ -155,7 +160,8 @@ def tissue_mask(
 
     Tissue is what absorbs clearly more light than the glass: optical density above the glass
     peak plus 5 spreads (at least 0.04 above it, see :func:`glass_level`), or above Otsu's
-    threshold (of the scanned pixels: exactly white padding left out) if that is lower. Otsu
+    threshold (of the scanned pixels: exactly white or black padding left out) if that is
+    lower. Otsu
     alone splits dark stain from faint tissue on IHC slides whose counterstain is pale (the
     bundled cytokeratin section: 10 % of the image instead of 54 %). Without a glass peak
     (tissue everywhere) the threshold is halfway between the 5th percentile and Otsu's, plus
@@ -165,7 +171,7 @@ def tissue_mask(
     od = cv2.GaussianBlur(optical_density(rgb), (0, 0), 1.0)
     if float(od.max() - od.min()) < 0.05:
         return np.zeros(od.shape, bool)
-    # exactly white pixels are padding (no data): a wide white margin would otherwise pull
+    # exactly white (or black) pixels are padding (no data): a wide margin would otherwise pull
     # Otsu's threshold between padding and glass, and the whole scanned area would be "tissue"
     data = od[scanned(rgb)]
     otsu = float(threshold_otsu(data if data.size >= 0.01 * od.size else od))
