@@ -39,6 +39,7 @@ from wsireg_flow.rigid import RigidResult, coarse_alignment
 from wsireg_flow.tissue import (
     IntensityStats,
     data_region,
+    ink_mask,
     intensity_stats,
     normalized_intensity,
     optical_density,
@@ -157,7 +158,7 @@ def _mask_and_stats(rgb: np.ndarray, cfg: Config, name: str, path: Any):
     mask = tissue_mask(rgb, cfg.tissue.min_area_fraction)
     if mask.mean() < cfg.tissue.min_tissue_fraction:
         raise InputError(f"no tissue found in the {name} image", path)
-    return mask, intensity_stats(optical_density(rgb), mask)
+    return mask, intensity_stats(optical_density(rgb), mask & ~ink_mask(rgb))
 
 
 def preprocess(target: Slide, source: Slide, cfg: Config) -> Prepared:

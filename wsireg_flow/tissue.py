@@ -34,21 +34,33 @@ def scanned(rgb: np.ndarray) -> np.ndarray:
 def data_region(rgb: np.ndarray, min_fraction: float = 0.001) -> np.ndarray | None:
     """(y, x) bool: False on padding, the exactly white or black regions (see
     :func:`scanned`) of at least ``min_fraction`` of the image (8-connected), such as the
-    corners of a rotated crop; None when there is none. Lone saturated pixels of a JPEG
-    scan's glass are not padding."""
+    corners of a rotated crop, and on marker ink (:func:`ink_mask`): what the coarse step
+    should not compare. None when there is neither. Lone saturated pixels of a JPEG scan's
+    glass are not padding."""
+    ink = ink_mask(rgb)
     padding = ~scanned(rgb)
     least = min_fraction * padding.size
-    if padding.sum() < least:
-        return None
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(padding.astype(np.uint8), None, 8)
-    large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
-    return None if large.size == 0 else ~np.isin(labels, large)
+    large = np.zeros(0, int)
+    if padding.sum() >= least:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(padding.astype(np.uint8), None, 8)
+        large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
+    if large.size == 0:
+        return ~ink if ink.any() else None
+    return ~np.isin(labels, large) & ~ink
 
 
 def white_level(dtype: np.dtype) -> float:
     """The value of white: the integer dtype's maximum (255 for uint8), 255 for floats."""
     dtype = np.dtype(dtype)
     return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 255.0
+
+
+def _channel_od(img: np.ndarray) -> np.ndarray:
+    """(y, x, c) float32 optical density of each channel of a (y, x, c) image (see
+    :func:`optical_density`)."""
+    white = white_level(img.dtype)
+    unit = white / 255.0
+    return -np.log10((img.astype(np.float32) + np.float32(unit)) / np.float32(white + unit))
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -62,12 +74,41 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     grayscale (c = 1) too.
     """
     img = _channels(rgb)
-    white = white_level(img.dtype)
-    unit = white / 255.0
-    od = -np.log10((img.astype(np.float32) + np.float32(unit)) / np.float32(white + unit))
-    total = od.sum(axis=-1, dtype=np.float32)
+    total = _channel_od(img).sum(axis=-1, dtype=np.float32)
     total[img.max(axis=-1) == 0] = 0.0
     return total
+
+
+# Marker ink (pen marks on the slide or coverslip). Blue and green markers are dark (summed
+# optical density above INK_MIN_OD) and absorb red clearly more than green
+# (INK_RED_TO_GREEN); haematoxylin, eosin, DAB and their mixtures do not: on the darkest 2 %
+# of the bundled slides' tissue pixels red/green is at most 1.06 (H&E, IHC, Ki67). Black
+# markers are dark in every channel (INK_BLACK_OD each) and neutral (no channel absorbs
+# INK_NEUTRAL times more than another): the bundled slides' tissue reaches 0.82 at most.
+INK_MIN_OD = 1.0
+INK_RED_TO_GREEN = 1.2
+INK_BLACK_OD = 0.85
+INK_NEUTRAL = 1.5
+
+
+def ink_mask(rgb: np.ndarray) -> np.ndarray:
+    """(y, x) bool: pixels coloured like blue, green or black marker ink rather than a stain
+    (see :data:`INK_MIN_OD` and the constants after it), and the 1 px rim around them (a
+    stroke's soft edge). All False for a grey image (no colour). Blue-green stains (the
+    aniline blue of a trichrome, Alcian blue) can qualify where dense: the mask only keeps
+    pixels out of the intensity statistics (:func:`intensity_stats`), whose 99th percentile a
+    stroke over 1 % of the tissue would otherwise set."""
+    img = _channels(rgb)
+    if img.shape[-1] < 3:
+        return np.zeros(img.shape[:2], bool)
+    od = _channel_od(img)
+    lo, hi = od.min(axis=-1), od.max(axis=-1)
+    coloured = (od.sum(axis=-1) > INK_MIN_OD) & (od[..., 0] > INK_RED_TO_GREEN * od[..., 1])
+    black = (lo > INK_BLACK_OD) & (hi < INK_NEUTRAL * lo)
+    core = (coloured | black) & (img.max(axis=-1) > 0)  # exactly black: padding, not ink
+    if not core.any():
+        return core
+    return cv2.dilate(core.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
 
 
 @dataclass(frozen=True)
