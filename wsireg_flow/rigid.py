@@ -363,7 +363,6 @@ def ecc_refine(
     only the :func:`overlap` of the data (padding's straight edges would pull the fit).
     """
     center = ((target.shape[1] - 1) / 2, (target.shape[0] - 1) / 2)
-    masked = target_data is not None or source_data is not None
     for size in sizes:
         f = min(1.0, size / max(target.shape))
         t, s = _small(target, f, 1.0), _small(source, f, 1.0)
@@ -372,14 +371,14 @@ def ecc_refine(
         warp = np.ascontiguousarray(m_small[:2], dtype=np.float32)
         t_data, s_data = data_mask(target_data, f), data_mask(source_data, f)
         try:
-            warp = _ecc(t, s, warp, t_data, s_data, masked)
+            warp = _ecc(t, s, warp, t_data, s_data)
         except cv2.error:
             continue
         cand = np.linalg.inv(sd) @ as3x3(warp) @ sd
         if cfg.model == "similarity":
             cand = nearest_similarity(cand, center)
-        before = _agreement(t, s, m_small, t_data, s_data, masked)
-        after = _agreement(t, s, sd @ cand @ np.linalg.inv(sd), t_data, s_data, masked)
+        before = _agreement(t, s, m_small, t_data, s_data)
+        after = _agreement(t, s, sd @ cand @ np.linalg.inv(sd), t_data, s_data)
         if after > before and plausibility(cand, cfg) is None:
             matrix = cand
     return matrix
@@ -391,16 +390,15 @@ def _ecc(
     warp: np.ndarray,
     t_data: np.ndarray | None,
     s_data: np.ndarray | None,
-    masked: bool,
 ) -> np.ndarray:
-    """One OpenCV ECC affine fit (2x3 float32, target->source at this size); with ``masked``
-    only pixels holding data in both images count (None masks: all pixels)."""
+    """One OpenCV ECC affine fit (2x3 float32, target->source at this size). With a data
+    mask for either image ((y, x) bool, None: all data) only pixels holding data in both
+    count."""
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
-    if not masked:
+    if t_data is None and s_data is None:
         return cv2.findTransformECC(t, s, warp, cv2.MOTION_AFFINE, criteria, None, 1)[1]
-    ones_t, ones_s = np.ones(t.shape, bool), np.ones(s.shape, bool)
-    t_mask = (ones_t if t_data is None else t_data).astype(np.uint8)
-    s_mask = (ones_s if s_data is None else s_data).astype(np.uint8)
+    t_mask = np.ones(t.shape, np.uint8) if t_data is None else t_data.astype(np.uint8)
+    s_mask = np.ones(s.shape, np.uint8) if s_data is None else s_data.astype(np.uint8)
     return cv2.findTransformECCWithMask(t, s, t_mask, s_mask, warp, cv2.MOTION_AFFINE, criteria, 1)[
         1
     ]
@@ -412,12 +410,12 @@ def _agreement(
     m: np.ndarray,
     t_data: np.ndarray | None,
     s_data: np.ndarray | None,
-    masked: bool,
 ) -> float:
     """NCC of ``t`` and ``s`` warped by ``m``: over the :func:`overlap` of their data when
-    ``masked``, else over the whole of ``t`` (outside the source: 0)."""
-    both = overlap(t.shape, s.shape, m, 3, t_data, s_data) if masked else None
-    return ncc(t, warp_affine(s, m, t.shape), both)
+    either has a data mask, else over the whole of ``t`` (outside the source: 0)."""
+    if t_data is None and s_data is None:
+        return ncc(t, warp_affine(s, m, t.shape))
+    return ncc(t, warp_affine(s, m, t.shape), overlap(t.shape, s.shape, m, 3, t_data, s_data))
 
 
 def _inner(shape: tuple[int, ...], margin: int = 3) -> np.ndarray:
