@@ -75,7 +75,10 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     """
     img = _channels(rgb)
     total = _channel_od(img).sum(axis=-1, dtype=np.float32)
-    total[img.max(axis=-1) == 0] = 0.0
+    # only a pixel at 0 in every channel reaches the largest sum (faster than testing the
+    # channels: a reduction along the short last axis doubled this function's time)
+    black = _channel_od(np.zeros((1, 1, img.shape[-1]), img.dtype)).sum(axis=-1, dtype=np.float32)
+    total[total >= black[0, 0]] = 0.0
     return total
 
 
