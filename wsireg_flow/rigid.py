@@ -562,7 +562,8 @@ def coarse_alignment(
 
     Candidates (feature fit when plausible, rotation search always) are refined by ECC and the
     one with the best :func:`selection_score` wins. ``target_data``, ``source_data``: (y, x)
-    bool masks of the pixels holding data (False on padding; None: all hold data).
+    bool masks of the pixels holding data (False on padding and ink; None: all hold data),
+    which ECC and the score respect; the rotation search's blurred layouts do not use them.
 
     Raises
     ------

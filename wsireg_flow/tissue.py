@@ -32,21 +32,47 @@ def scanned(rgb: np.ndarray) -> np.ndarray:
 
 
 def data_region(rgb: np.ndarray, min_fraction: float = 0.001) -> np.ndarray | None:
-    """(y, x) bool: False on padding, the exactly white or black regions (see
-    :func:`scanned`) of at least ``min_fraction`` of the image (8-connected), such as the
-    corners of a rotated crop, and on marker ink (:func:`ink_mask`): what the coarse step
-    should not compare. None when there is neither. Lone saturated pixels of a JPEG scan's
-    glass are not padding."""
+    """(y, x) bool: what the coarse step should compare. False on padding and on marker ink
+    (:func:`ink_mask`); None when there is neither.
+
+    Padding is an exactly white or black region (see :func:`scanned`) of at least
+    ``min_fraction`` of the image (8-connected) whose outline runs straight (at least
+    :data:`PADDING_STRAIGHT` of it on segments of 20 px or more), such as the corners of a
+    rotated crop. Glass clipped to exact white by an export is not padding: its outline
+    follows the tissue (at most 61 % straight on the bundled slides clipped at 225 or 240),
+    and it must be compared, or the tissue's outline no longer guides the fit. Lone
+    saturated pixels of a JPEG scan's glass are not padding either.
+    """
     ink = ink_mask(rgb)
     padding = ~scanned(rgb)
     least = min_fraction * padding.size
-    large = np.zeros(0, int)
+    regions: list[int] = []
+    labels = np.zeros(padding.shape, np.int32)
     if padding.sum() >= least:
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(padding.astype(np.uint8), None, 8)
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(
+            padding.astype(np.uint8), connectivity=8
+        )
         large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
-    if large.size == 0:
+        regions = [k for k in large if straight_share(labels == k) >= PADDING_STRAIGHT]
+    if not regions:
         return ~ink if ink.any() else None
-    return ~np.isin(labels, large) & ~ink
+    return ~np.isin(labels, regions) & ~ink
+
+
+PADDING_STRAIGHT = 0.8
+
+
+def straight_share(region: np.ndarray, eps: float = 2.0, long: float = 20.0) -> float:
+    """Share of the outline of a (y, x) bool ``region`` (holes included) that lies on straight
+    segments of at least ``long`` px, once simplified within ``eps`` px (Douglas-Peucker)."""
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    total = straight = 0.0
+    for contour in contours:
+        corners = cv2.approxPolyDP(contour, eps, True)[:, 0, :].astype(np.float64)
+        sides = np.linalg.norm(np.roll(corners, -1, axis=0) - corners, axis=1)
+        total += float(sides.sum())
+        straight += float(sides[sides >= long].sum())
+    return straight / total if total > 0 else 0.0
 
 
 def white_level(dtype: np.dtype) -> float:
@@ -85,22 +111,27 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 # Marker ink (pen marks on the slide or coverslip). Blue and green markers are dark (summed
 # optical density above INK_MIN_OD) and absorb red clearly more than green
 # (INK_RED_TO_GREEN); haematoxylin, eosin, DAB and their mixtures do not: on the darkest 2 %
-# of the bundled slides' tissue pixels red/green is at most 1.06 (H&E, IHC, Ki67). Black
-# markers are dark in every channel (INK_BLACK_OD each) and neutral (no channel absorbs
-# INK_NEUTRAL times more than another): the bundled slides' tissue reaches 0.82 at most.
+# of the bundled slides' tissue pixels at the preprocessing level (longest side <= 1024 px)
+# red/green is at most 1.06 (H&E, IHC, Ki67). Black markers are dark in every channel
+# (INK_BLACK_OD each) and neutral (no channel absorbs INK_NEUTRAL times more than another):
+# the same pixels reach 0.82 at most. At full resolution single nuclei, DAB grains and colour
+# fringes can pass both tests; they are scattered, and ink must form one piece of at least
+# INK_MIN_AREA of the image (a stroke).
 INK_MIN_OD = 1.0
 INK_RED_TO_GREEN = 1.2
 INK_BLACK_OD = 0.85
 INK_NEUTRAL = 1.5
+INK_MIN_AREA = 0.0005
 
 
 def ink_mask(rgb: np.ndarray) -> np.ndarray:
     """(y, x) bool: pixels coloured like blue, green or black marker ink rather than a stain
-    (see :data:`INK_MIN_OD` and the constants after it), and the 1 px rim around them (a
-    stroke's soft edge). All False for a grey image (no colour). Blue-green stains (the
-    aniline blue of a trichrome, Alcian blue) can qualify where dense: the mask only keeps
-    pixels out of the intensity statistics (:func:`intensity_stats`), whose 99th percentile a
-    stroke over 1 % of the tissue would otherwise set."""
+    (see :data:`INK_MIN_OD` and the constants after it) in connected pieces of at least
+    :data:`INK_MIN_AREA` of the image, and the 1 px rim around them (a stroke's soft edge).
+    All False for a grey image (no colour). Ink is left out of the intensity statistics
+    (:func:`intensity_stats`), whose 99th percentile a stroke over 1 % of the tissue would
+    otherwise set, and out of the coarse comparison (:func:`data_region`). Dense blue-green
+    stains (the aniline blue of a trichrome, Alcian blue) can qualify as ink too."""
     img = _channels(rgb)
     if img.shape[-1] < 3:
         return np.zeros(img.shape[:2], bool)
@@ -111,6 +142,12 @@ def ink_mask(rgb: np.ndarray) -> np.ndarray:
     core = (coloured | black) & (img.max(axis=-1) > 0)  # exactly black: padding, not ink
     if not core.any():
         return core
+    # a stroke is one piece: scattered dark nuclei or DAB are not ink
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(core.astype(np.uint8), connectivity=8)
+    strokes = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= INK_MIN_AREA * core.size) + 1
+    if strokes.size == 0:
+        return np.zeros(core.shape, bool)
+    core = np.isin(labels, strokes)
     return cv2.dilate(core.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
 
 
