@@ -184,8 +184,9 @@ def coarse(
     Each image is cropped to its scanned box first (:func:`scanned_box`): the straight edges
     where a cut section meets white padding would otherwise pull both images into place at
     the identity. The crop offsets are composed back into the matrix (x, y level px). White
-    padding left inside the box (a rotated region's corners, a slide's unscanned areas) is no
-    data to the coarse score and ECC (:func:`wsireg_flow.tissue.data_region`).
+    or black padding with a straight outline left inside the box (a rotated region's corners)
+    and marker ink are no data to the coarse score and ECC
+    (:func:`wsireg_flow.tissue.data_region`).
     """
     t_rgb = _read_level(target, pre.target_level)
     s_rgb = _read_level(source, pre.source_level)
