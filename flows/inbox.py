@@ -194,7 +194,12 @@ def run_manifest(
     # the library's own warnings (a landmark file shorter than the other...) belong to the job:
     # listed in its result and logged with its name below, not printed on their own
     with captured_warnings("wsireg_flow") as noted:
-        record = _run_job(job, out, replace)
+        try:
+            record = _run_job(job, out, replace)
+        except Exception:  # a failed job's warnings may tell why: logged before its failure
+            for warning in noted:
+                log.warning("job %s: %s", path.name, warning)
+            raise
     record["warnings"] = [*noted, *run_warnings(out)]  # a result to look at (done/ all the same)
     for warning in record["warnings"]:
         log.warning("job %s: %s", path.name, warning)

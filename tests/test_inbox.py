@@ -526,6 +526,32 @@ def test_keys_of_the_other_manifest_kind_are_refused(
     assert str(exc.value).startswith(str(path))
 
 
+def test_a_failed_job_keeps_its_warnings(tmp_path: Path, monkeypatch: Any) -> None:
+    """The library's warnings were collected for the job's result and read only after the job
+    returned: a job that warned and then failed lost them (neither logged nor filed). They are
+    now logged with the job's name before its failure."""
+    import flows.inbox as inbox
+    from flows.inbox import process_inbox, warnings_to
+    from wsireg_flow.errors import InputError
+
+    def warn_then_fail(job, out, replace):
+        logging.getLogger("wsireg_flow.landmarks").warning("a landmark file is short")
+        raise InputError("no tissue found in the source image", job.source)
+
+    monkeypatch.setattr(inbox, "_run_job", warn_then_fail)
+    root, box, runs = _setup(tmp_path)
+    _drop(box, "job.yaml", PAIR)
+    stderr = io.StringIO()
+    with warnings_to(stderr):
+        summary = process_inbox(str(box), data_root=str(root), runs=str(runs))
+    assert summary == {"done": [], "failed": ["job.yaml"], "waiting": []}
+    assert "wsireg-flow: warning: job job.yaml: a landmark file is short" in (
+        stderr.getvalue().splitlines()
+    )
+    reason = (box / "failed" / "job.reason.txt").read_text()
+    assert reason.startswith("InputError: ") and "no tissue found" in reason
+
+
 def test_a_job_worth_a_look_is_done_with_its_warnings(tmp_path: Path) -> None:
     """`register` warned of a source at 0.3x the target's resolution; the same job dropped in
     the inbox went to done/ without a word. Its result now lists the warnings, and the flow

@@ -333,8 +333,9 @@ def registration_quality(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# the coarse selection score (-2.5..2.5) of a fit the tiles cannot improve: identical images
-# and exact synthetic copies score 2.50; the bundled ANHIR pairs 1.14-2.05
+# the coarse selection score (-7.5..2.5, see rigid.RigidResult) of a fit the tiles cannot
+# improve: identical images and exact synthetic copies score 2.50; the bundled ANHIR pairs
+# 1.14-2.05
 EXACT_FIT_SCORE = 2.3
 
 

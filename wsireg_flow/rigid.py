@@ -41,7 +41,8 @@ class RigidResult:
     """Outcome of coarse alignment (matrix: 3x3 target->source at the working level).
 
     ``score_initial`` / ``score_final`` are :func:`selection_score` values (two intensity NCCs
-    plus half the tissue-mask NCC, so between -2.5 and 2.5) before (identity) and after.
+    plus half the tissue-mask NCC, between -2.5 and 2.5, less a coverage penalty of up to
+    :data:`COVERAGE_PENALTY`: down to -7.5) before (identity) and after.
     """
 
     matrix: np.ndarray
@@ -446,13 +447,14 @@ def overlap(
     return inner_t & (warp_affine(inner_s.astype(np.uint8), matrix, target_shape[:2]) > 0)
 
 
-def data_mask(scanned: np.ndarray | None, f: float, margin: int = 3) -> np.ndarray | None:
-    """A (y, x) bool mask of the pixels holding data (see :func:`wsireg_flow.tissue.scanned`),
-    resized by ``f`` like :func:`_small` and shrunk by ``margin`` px (the blur of the
-    resized images spreads padding into its neighbours). None stays None (all data)."""
-    if scanned is None:
+def data_mask(data: np.ndarray | None, f: float, margin: int = 3) -> np.ndarray | None:
+    """A (y, x) bool mask of the pixels holding data (``data``: False on padding and ink, see
+    :func:`wsireg_flow.tissue.data_region`), resized by ``f`` like :func:`_small` and shrunk
+    by ``margin`` px (the blur of the resized images spreads padding into its neighbours).
+    None stays None (all data)."""
+    if data is None:
         return None
-    small = cv2.resize(scanned.astype(np.float32), None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+    small = cv2.resize(data.astype(np.float32), None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
     kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
     return cv2.erode((small > 0.5).astype(np.uint8), kernel, borderValue=1) > 0
 
