@@ -24,7 +24,33 @@ import numpy as np
 from wsireg_flow.config import NonrigidConfig
 from wsireg_flow.field import Box, blend_window, jacobian_determinant, sample
 from wsireg_flow.rigid import ncc
-from wsireg_flow.tissue import IntensityStats, normalized_intensity, stained
+from wsireg_flow.tissue import IntensityStats, fill_ink, normalized_intensity, stained
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A whole image's (H, W) bool mask at one pyramid level, packed (small and picklable, for
+    tile tasks), and ``factor``: pixels of the level it is read at per mask pixel."""
+
+    bits: np.ndarray
+    shape: tuple[int, int]
+    factor: float
+
+    @classmethod
+    def of(cls, mask: np.ndarray | None, factor: float) -> PackedMask | None:
+        """``mask`` packed; None when it is None or all False (nothing to carry)."""
+        if mask is None or not mask.any():
+            return None
+        return cls(np.packbits(mask), (int(mask.shape[0]), int(mask.shape[1])), float(factor))
+
+    def crop(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """(y1 - y0, x1 - x0) bool: the mask at the pixels of the box ((y, x) px of the level
+        it is read at, y0 and x0 >= 0), nearest neighbour."""
+        h, w = self.shape
+        mask = np.unpackbits(self.bits, count=h * w).astype(bool).reshape(h, w)
+        iy = np.minimum(((np.arange(y0, y1) + 0.5) / self.factor).astype(np.int64), h - 1)
+        ix = np.minimum(((np.arange(x0, x1) + 0.5) / self.factor).astype(np.int64), w - 1)
+        return mask[np.ix_(iy, ix)]
 
 
 @dataclass
@@ -50,6 +76,9 @@ class TileJob:
     prior: np.ndarray | None = None  # (2, ph, pw) coarser residual crop, (dy, dx) coarse px
     prior_origin: tuple[int, int] = (0, 0)  # (y, x) of the crop on the coarser grid
     prior_factor: float = 1.0  # working-level px per coarser-level px
+    # marker ink of each whole image (None: none), filled in before the flow (see fill_ink)
+    target_ink: PackedMask | None = None
+    source_ink: PackedMask | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -260,6 +289,10 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
     target = _read(job.target_path, job.target_level, y0, x0, y1, x1)
     t_int = normalized_intensity(target, job.target_stats)
     s_int = normalized_intensity(crop, job.source_stats)
+    if job.target_ink is not None:
+        t_int = fill_ink(t_int, job.target_ink.crop(y0, x0, y1, x1))
+    if job.source_ink is not None:
+        s_int = fill_ink(s_int, job.source_ink.crop(oy, ox, oy + crop.shape[0], ox + crop.shape[1]))
     cx, cy = mx - ox, my - oy  # the map in crop coordinates
     warped = cv2.remap(
         s_int, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0

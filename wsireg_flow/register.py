@@ -31,7 +31,7 @@ from wsireg_flow.field import (
 )
 from wsireg_flow.geometry import rescale_affine, to_level0_affine, translation
 from wsireg_flow.io.slide import Slide
-from wsireg_flow.nonrigid import TileJob, TileResult, register_tile, tile_weight
+from wsireg_flow.nonrigid import PackedMask, TileJob, TileResult, register_tile, tile_weight
 from wsireg_flow.parallel import map_tasks
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.pyramid import level_for_max_side
@@ -121,11 +121,17 @@ class Prepared:
     source_mask: np.ndarray
     target_stats: IntensityStats
     source_stats: IntensityStats
+    target_ink: np.ndarray | None = None  # (y, x) bool marker ink at the rigid level, or None
+    source_ink: np.ndarray | None = None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write levels, masks and intensity statistics to one ``.npz`` (no pickles)."""
+        inks = {
+            f"{k}_ink": v for k, v in (("target", self.target_ink), ("source", self.source_ink))
+        }
         np.savez_compressed(
             path,
+            **{k: v for k, v in inks.items() if v is not None},
             levels=np.array([self.target_level, self.source_level]),
             target_mask=self.target_mask,
             source_mask=self.source_mask,
@@ -151,14 +157,25 @@ class Prepared:
                 z["source_mask"].astype(bool),
                 IntensityStats(float(st[0]), float(st[1])),
                 IntensityStats(float(st[2]), float(st[3])),
+                z["target_ink"].astype(bool) if "target_ink" in z.files else None,
+                z["source_ink"].astype(bool) if "source_ink" in z.files else None,
             )
 
 
-def _mask_and_stats(rgb: np.ndarray, cfg: Config, name: str, path: Any):
+def _mask_and_stats(
+    rgb: np.ndarray, cfg: Config, name: str, path: Any
+) -> tuple[np.ndarray, IntensityStats, np.ndarray | None]:
+    """Tissue mask without padding or ink (:func:`data_region`: near-black padding of a JPEG
+    export is as dense as tissue), the intensity statistics of that tissue, and the marker
+    ink (:func:`ink_mask`; None without any)."""
     mask = tissue_mask(rgb, cfg.tissue.min_area_fraction)
+    ink = ink_mask(rgb)
+    data = data_region(rgb, ink=ink)
+    if data is not None:
+        mask &= data
     if mask.mean() < cfg.tissue.min_tissue_fraction:
         raise InputError(f"no tissue found in the {name} image", path)
-    return mask, intensity_stats(optical_density(rgb), mask & ~ink_mask(rgb))
+    return mask, intensity_stats(optical_density(rgb), mask), ink if ink.any() else None
 
 
 def preprocess(target: Slide, source: Slide, cfg: Config) -> Prepared:
@@ -171,9 +188,18 @@ def preprocess(target: Slide, source: Slide, cfg: Config) -> Prepared:
     """
     kt = level_for_max_side(target.shapes, cfg.rigid.max_side)
     ks = matching_source_level(target, kt, source)
-    tm, ts = _mask_and_stats(_read_level(target, kt), cfg, "target", target.path)
-    sm, ss = _mask_and_stats(_read_level(source, ks), cfg, "source", source.path)
-    return Prepared(kt, ks, tm, sm, ts, ss)
+    tm, ts, t_ink = _mask_and_stats(_read_level(target, kt), cfg, "target", target.path)
+    sm, ss, s_ink = _mask_and_stats(_read_level(source, ks), cfg, "source", source.path)
+    return Prepared(kt, ks, tm, sm, ts, ss, t_ink, s_ink)
+
+
+def _glass_outside(intensity: np.ndarray, data: np.ndarray | None) -> np.ndarray:
+    """``intensity`` (y, x) with 0 (glass) where ``data`` is False: the rotation search's
+    blurred layouts would otherwise see padding a JPEG export left near black as dense
+    tissue, and ink strokes."""
+    if data is not None:
+        intensity[~data] = 0.0
+    return intensity
 
 
 def coarse(
@@ -191,16 +217,11 @@ def coarse(
     t_rgb = _read_level(target, pre.target_level)
     s_rgb = _read_level(source, pre.source_level)
     (ty, tx), (sy, sx) = scanned_box(t_rgb), scanned_box(s_rgb)
-    t_int = normalized_intensity(t_rgb[ty, tx], pre.target_stats)
-    s_int = normalized_intensity(s_rgb[sy, sx], pre.source_stats)
+    t_data, s_data = data_region(t_rgb[ty, tx]), data_region(s_rgb[sy, sx])
+    t_int = _glass_outside(normalized_intensity(t_rgb[ty, tx], pre.target_stats), t_data)
+    s_int = _glass_outside(normalized_intensity(s_rgb[sy, sx], pre.source_stats), s_data)
     rigid = coarse_alignment(
-        t_int,
-        s_int,
-        pre.target_mask[ty, tx],
-        pre.source_mask[sy, sx],
-        cfg.rigid,
-        data_region(t_rgb[ty, tx]),
-        data_region(s_rgb[sy, sx]),
+        t_int, s_int, pre.target_mask[ty, tx], pre.source_mask[sy, sx], cfg.rigid, t_data, s_data
     )
     rigid.matrix = (
         translation(sx.start, sy.start) @ rigid.matrix @ translation(-tx.start, -ty.start)
@@ -263,6 +284,10 @@ def register_level(
     )
     boxes = tile_boxes(shape, cfg.nonrigid.tile, cfg.nonrigid.overlap)
     has_prior = prior is not None and prior_d is not None
+    inks = (
+        PackedMask.of(pre.target_ink, target.downsamples[pre.target_level] / dt),
+        PackedMask.of(pre.source_ink, source.downsamples[pre.source_level] / ds),
+    )
     jobs = [
         _job(
             target,
@@ -277,6 +302,7 @@ def register_level(
             mask_k,
             pre.target_stats,
             pre.source_stats,
+            inks,
         )
         for box in boxes
     ]
@@ -465,9 +491,11 @@ def _job(
     mask_k: np.ndarray,
     t_stats: IntensityStats,
     s_stats: IntensityStats,
+    inks: tuple[PackedMask | None, PackedMask | None] = (None, None),
 ) -> TileJob:
     """The task of one tile; ``prior`` is the coarser level's whole residual (or None), of
-    which the job carries only the crop that bilinear sampling over ``box`` touches."""
+    which the job carries only the crop that bilinear sampling over ``box`` touches;
+    ``inks``: the target's and the source's marker ink."""
     y0, x0, y1, x1 = box
     crop, origin = None, (0, 0)
     if prior is not None:
@@ -492,6 +520,7 @@ def _job(
         crop,
         origin,
         float(factor),
+        *inks,
     )
 
 

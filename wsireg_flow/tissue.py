@@ -31,20 +31,24 @@ def scanned(rgb: np.ndarray) -> np.ndarray:
     return (img.min(axis=-1) < white_level(img.dtype)) & (img.max(axis=-1) > 0)
 
 
-def data_region(rgb: np.ndarray, min_fraction: float = 0.001) -> np.ndarray | None:
+def data_region(
+    rgb: np.ndarray, min_fraction: float = 0.001, ink: np.ndarray | None = None
+) -> np.ndarray | None:
     """(y, x) bool: what the coarse step should compare. False on padding and on marker ink
-    (:func:`ink_mask`); None when there is neither.
+    (``ink``, computed by :func:`ink_mask` when not given); None when there is neither.
 
-    Padding is an exactly white or black region (see :func:`scanned`) of at least
-    ``min_fraction`` of the image (8-connected) whose outline runs straight (at least
+    Padding is a white or black region (see :func:`near_padding`: JPEG compression leaves it
+    only nearly so) of at least ``min_fraction`` of the image (8-connected) whose outline,
+    once the specks JPEG ringing punches into it are filled, runs straight (at least
     :data:`PADDING_STRAIGHT` of it on segments of 20 px or more), such as the corners of a
     rotated crop. Glass clipped to exact white by an export is not padding: its outline
-    follows the tissue (at most 61 % straight on the bundled slides clipped at 225 or 240),
-    and it must be compared, or the tissue's outline no longer guides the fit. Lone
-    saturated pixels of a JPEG scan's glass are not padding either.
+    follows the tissue, and it must be compared, or the tissue's outline no longer guides the
+    fit. (On the bundled slides clipped at 225 only one straight-edged lumen of one image,
+    0.5 % of it, counts as padding; its coarse fit moved by 0.1 px.) Lone saturated pixels of
+    a JPEG scan's glass are not padding either.
     """
-    ink = ink_mask(rgb)
-    padding = ~scanned(rgb)
+    ink = ink_mask(rgb) if ink is None else ink
+    padding = near_padding(rgb)
     least = min_fraction * padding.size
     regions: list[int] = []
     labels = np.zeros(padding.shape, np.int32)
@@ -53,13 +57,42 @@ def data_region(rgb: np.ndarray, min_fraction: float = 0.001) -> np.ndarray | No
             padding.astype(np.uint8), connectivity=8
         )
         large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
-        regions = [k for k in large if straight_share(labels == k) >= PADDING_STRAIGHT]
+        regions = [
+            k for k in large if straight_share(_fill_specks(labels == k)) >= PADDING_STRAIGHT
+        ]
     if not regions:
         return ~ink if ink.any() else None
     return ~np.isin(labels, regions) & ~ink
 
 
 PADDING_STRAIGHT = 0.8
+
+
+def _fill_specks(region: np.ndarray, largest: int = 4) -> np.ndarray:
+    """(y, x) bool ``region`` with its holes of at most ``largest`` px filled (the specks
+    JPEG ringing leaves in compressed padding; tissue inside glass makes larger holes)."""
+    holes = ndi.binary_fill_holes(region) & ~region
+    if not holes.any():
+        return region
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(holes.view(np.uint8), connectivity=4)
+    small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] <= largest) + 1
+    return region | np.isin(labels, small)
+
+
+# how far from exact white or black (of 255) a JPEG-compressed export leaves its padding
+PADDING_TOLERANCE = 12.0
+
+
+def near_padding(rgb: np.ndarray) -> np.ndarray:
+    """(y, x) bool: pixels within :data:`PADDING_TOLERANCE` (of 255, scaled to the dtype) of
+    white or of black in every channel: padding, once JPEG compression has blurred it (at
+    quality 95 ringing leaves 8 % of a white corner's pixels short of 255, and the region full
+    of holes), and also bright glass and the darkest ink. :func:`data_region` keeps only the
+    regions with a straight outline."""
+    img = _channels(rgb)
+    white = white_level(img.dtype)
+    tol = PADDING_TOLERANCE * white / 255.0
+    return (img.min(axis=-1) >= white - tol) | (img.max(axis=-1) <= tol)
 
 
 def straight_share(region: np.ndarray, eps: float = 2.0, long: float = 20.0) -> float:
@@ -95,8 +128,9 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
     0 for white; about 2.4 per channel for near-black, whatever the bit depth: a 16-bit image
     with the values of an 8-bit one times 257 has exactly its optical density. Exactly black
-    pixels (0 in every channel) are padding, like exactly white ones, and get 0: a rotated
-    export padded black would otherwise be dense tissue with straight edges. Works for
+    regions (0 in every channel, at least 3x3 px) are padding, like exactly white ones, and
+    get 0: a rotated export padded black would otherwise be dense tissue with straight edges.
+    Lone black pixels (the darkest nuclei of a JPEG scan) keep their density. Works for
     grayscale (c = 1) too.
     """
     img = _channels(rgb)
@@ -104,7 +138,10 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     # only a pixel at 0 in every channel reaches the largest sum (faster than testing the
     # channels: a reduction along the short last axis doubled this function's time)
     black = _channel_od(np.zeros((1, 1, img.shape[-1]), img.dtype)).sum(axis=-1, dtype=np.float32)
-    total[total >= black[0, 0]] = 0.0
+    is_black = (total >= black[0, 0]).view(np.uint8)
+    if is_black.any():
+        region = cv2.morphologyEx(is_black, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        total[region > 0] = 0.0
     return total
 
 
@@ -284,3 +321,23 @@ def stained(intensity: np.ndarray, mask: np.ndarray, min_stain: float) -> np.nda
     is only what the flow filled in from around them.
     """
     return mask & (cv2.GaussianBlur(intensity, (0, 0), 1.0) > min_stain)
+
+
+def fill_ink(intensity: np.ndarray, ink: np.ndarray, sigma: float = 8.0) -> np.ndarray:
+    """``intensity`` (y, x) float32 with the marker-ink pixels ``ink`` ((y, x) bool, widened
+    by 2 px: a stroke's soft rim) replaced by the intensity around them (its Gaussian-weighted
+    mean over the pixels without ink, ``sigma`` px; the mean of all of them where none is
+    near). A stroke on one image only would otherwise pull the optical flow along its edges.
+    Returns a new array; ``intensity`` is left alone."""
+    if not ink.any():
+        return intensity
+    wide = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if wide.all():
+        return intensity.copy()
+    keep = (~wide).astype(np.float32)
+    weight = cv2.GaussianBlur(keep, (0, 0), sigma)
+    mean = cv2.GaussianBlur(intensity * keep, (0, 0), sigma) / np.maximum(weight, 1e-6)
+    mean[weight < 1e-3] = float(intensity[~wide].mean())
+    out = intensity.copy()
+    out[wide] = mean[wide]
+    return out
