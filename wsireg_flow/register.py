@@ -193,6 +193,11 @@ def preprocess(target: Slide, source: Slide, cfg: Config) -> Prepared:
     return Prepared(kt, ks, tm, sm, ts, ss, t_ink, s_ink)
 
 
+def _ink_or_empty(ink: np.ndarray | None, rgb: np.ndarray) -> np.ndarray:
+    """``ink`` ((y, x) bool), or an all-False mask the shape of ``rgb`` when it is None."""
+    return np.zeros(rgb.shape[:2], bool) if ink is None else ink
+
+
 def _glass_outside(intensity: np.ndarray, data: np.ndarray | None) -> np.ndarray:
     """``intensity`` (y, x) with 0 (glass) where ``data`` is False: the rotation search's
     blurred layouts would otherwise see padding a JPEG export left near black as dense
@@ -217,7 +222,10 @@ def coarse(
     t_rgb = _read_level(target, pre.target_level)
     s_rgb = _read_level(source, pre.source_level)
     (ty, tx), (sy, sx) = scanned_box(t_rgb), scanned_box(s_rgb)
-    t_data, s_data = data_region(t_rgb[ty, tx]), data_region(s_rgb[sy, sx])
+    # the ink preprocessing found on the whole image (found again on the crop, a stroke's
+    # share of the image would change)
+    t_data = data_region(t_rgb[ty, tx], ink=_ink_or_empty(pre.target_ink, t_rgb)[ty, tx])
+    s_data = data_region(s_rgb[sy, sx], ink=_ink_or_empty(pre.source_ink, s_rgb)[sy, sx])
     t_int = _glass_outside(normalized_intensity(t_rgb[ty, tx], pre.target_stats), t_data)
     s_int = _glass_outside(normalized_intensity(s_rgb[sy, sx], pre.source_stats), s_data)
     rigid = coarse_alignment(
