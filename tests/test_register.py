@@ -545,6 +545,22 @@ def test_data_region_is_padding_not_lone_white_pixels() -> None:
     assert data_region(img[:, 60:]) is None  # cropped off: nothing left to mask
 
 
+def test_exact_padding_next_to_bright_glass_is_still_padding() -> None:
+    """Counting nearly white pixels as padding candidates (for JPEG exports) merged the
+    exactly white corners of the cytokeratin image turned by 10 degrees with its bright glass
+    (243-254): the merged outline was not straight and no corner was padding any more (an
+    audit case's coarse fit went from 0.02 to 0.73 px). Exact and near candidates are now
+    judged apart."""
+    from wsireg_flow.tissue import data_region
+
+    kidney = ROOT / "data/anhir-sample/rat-kidney_/scale-5pc/Rat-Kidney_PanCytokeratin.jpg"
+    source, _ = _rotated_padded(cv2.imread(str(kidney)), 10.0, 255)
+    corners = source.min(axis=-1) == 255
+    data = data_region(source[..., ::-1])
+    assert data is not None
+    assert (~data)[corners].mean() > 0.999 and (~data)[~corners].mean() < 0.001
+
+
 def test_tissue_coverage_of_a_part_and_of_an_edge_overlap() -> None:
     from wsireg_flow.geometry import translation
     from wsireg_flow.rigid import tissue_coverage

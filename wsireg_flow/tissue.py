@@ -48,21 +48,27 @@ def data_region(
     a JPEG scan's glass are not padding either.
     """
     ink = ink_mask(rgb) if ink is None else ink
-    padding = near_padding(rgb)
-    least = min_fraction * padding.size
-    regions: list[int] = []
-    labels = np.zeros(padding.shape, np.int32)
-    if padding.sum() >= least:
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(
-            padding.astype(np.uint8), connectivity=8
-        )
-        large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
-        regions = [
-            k for k in large if straight_share(_fill_specks(labels == k)) >= PADDING_STRAIGHT
-        ]
-    if not regions:
+    # exact padding next to bright glass merges with it once near values count: both are tried
+    padding = _straight_regions(~scanned(rgb), min_fraction) | _straight_regions(
+        near_padding(rgb), min_fraction
+    )
+    if not padding.any():
         return ~ink if ink.any() else None
-    return ~np.isin(labels, regions) & ~ink
+    return ~padding & ~ink
+
+
+def _straight_regions(candidates: np.ndarray, min_fraction: float) -> np.ndarray:
+    """(y, x) bool: the 8-connected regions of ``candidates`` of at least ``min_fraction`` of
+    the image whose outline, specks filled, is straight (:data:`PADDING_STRAIGHT`)."""
+    least = min_fraction * candidates.size
+    if candidates.sum() < least:
+        return np.zeros(candidates.shape, bool)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        candidates.astype(np.uint8), connectivity=8
+    )
+    large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
+    regions = [k for k in large if straight_share(_fill_specks(labels == k)) >= PADDING_STRAIGHT]
+    return np.isin(labels, regions)
 
 
 PADDING_STRAIGHT = 0.8
