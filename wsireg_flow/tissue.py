@@ -37,8 +37,10 @@ def data_region(
     """(y, x) bool: what the coarse step should compare. False on padding and on marker ink
     (``ink``, computed by :func:`ink_mask` when not given); None when there is neither.
 
-    Padding is a white or black region (see :func:`near_padding`: JPEG compression leaves it
-    only nearly so) of at least ``min_fraction`` of the image (8-connected) whose outline,
+    Padding is an exactly white or black region (see :func:`scanned`), or a nearly white or
+    black one (see :func:`near_padding`: JPEG compression leaves padding only nearly so; the
+    two are judged apart, as near values can join exact padding to bright glass), of at least
+    ``min_fraction`` of the image (8-connected) whose outline,
     once the specks JPEG ringing punches into it are filled, runs straight (at least
     :data:`PADDING_STRAIGHT` of it on segments of 20 px or more), such as the corners of a
     rotated crop. Glass clipped to exact white by an export is not padding: its outline
