@@ -107,7 +107,7 @@ def test_a_marker_stroke_on_the_source_does_not_pull_the_tile_flow(tmp_path: Pat
     tissue shifted by a known amount): the flow followed its edges, and within 15 px of it
     the residual was 6.7 px off at the 95th percentile (11 px at worst; 0.04 px median
     elsewhere). The ink found at the rigid level (here at half resolution, as a
-    :class:`PackedMask`) is now filled with the intensity around it first: 1.6 px (3.5 px)."""
+    :class:`PackedMask`) is now filled with the intensity around it first: 1.8 px (3.4 px)."""
     size, shift = 512, (2.6, -3.3)  # (dy, dx) px: target(p) = source(p + shift)
     density = density_tile(1000, 1000, size + 64, size + 64, seed=5)
     density[density == 0] = 60  # all tissue

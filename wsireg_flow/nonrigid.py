@@ -43,6 +43,12 @@ class PackedMask:
             return None
         return cls(np.packbits(mask), (int(mask.shape[0]), int(mask.shape[1])), float(factor))
 
+    @property
+    def widen(self) -> int:
+        """How far (px of the level it is read at) the mask's blocky edge may miss: 2 px plus
+        half a mask pixel."""
+        return 2 + int(np.ceil(self.factor / 2))
+
     def crop(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """(y1 - y0, x1 - x0) bool: the mask at the pixels of the box ((y, x) px of the level
         it is read at, y0 and x0 >= 0), nearest neighbour."""
@@ -290,9 +296,11 @@ def register_tile(job: TileJob, cfg: NonrigidConfig) -> TileResult:
     t_int = normalized_intensity(target, job.target_stats)
     s_int = normalized_intensity(crop, job.source_stats)
     if job.target_ink is not None:
-        t_int = fill_ink(t_int, job.target_ink.crop(y0, x0, y1, x1))
+        t_ink = job.target_ink
+        t_int = fill_ink(t_int, t_ink.crop(y0, x0, y1, x1), widen=t_ink.widen)
     if job.source_ink is not None:
-        s_int = fill_ink(s_int, job.source_ink.crop(oy, ox, oy + crop.shape[0], ox + crop.shape[1]))
+        s_ink, (ch, cw) = job.source_ink, crop.shape[:2]
+        s_int = fill_ink(s_int, s_ink.crop(oy, ox, oy + ch, ox + cw), widen=s_ink.widen)
     cx, cy = mx - ox, my - oy  # the map in crop coordinates
     warped = cv2.remap(
         s_int, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0

@@ -41,6 +41,7 @@ from wsireg_flow.parallel import describe_scheduler
 from wsireg_flow.progress import ProgressFn
 from wsireg_flow.qc import html_report, metrics_rows, qc_figures
 from wsireg_flow.register import (
+    PREPARED_FORMAT,
     LevelReport,
     Prepared,
     coarse,
@@ -136,6 +137,7 @@ class PairJob:
         f["ingest_source"] = fingerprint("ingest", file_fingerprint(self.source), io)
         f["preprocess"] = fingerprint(
             "preprocess",
+            PREPARED_FORMAT,
             f["ingest_target"],
             f["ingest_source"],
             c.tissue.model_dump(mode="json"),

@@ -111,6 +111,11 @@ def _read_level(slide: Slide, level: int) -> np.ndarray:
     return slide.read_region(level, 0, 0, h, w)
 
 
+# what a preprocess.npz holds; part of the stage's fingerprint, so that a run resumed from an
+# older file (without the ink masks: its ink would be taken for none) prepares again
+PREPARED_FORMAT = "masks, stats, ink"
+
+
 @dataclass
 class Prepared:
     """Preprocessing of a pair at the rigid level (tissue masks, intensity statistics)."""

@@ -51,17 +51,23 @@ def data_region(
     """
     ink = ink_mask(rgb) if ink is None else ink
     # exact padding next to bright glass merges with it once near values count: both are tried
-    padding = _straight_regions(~scanned(rgb), min_fraction) | _straight_regions(
-        near_padding(rgb), min_fraction
+    exact = ~scanned(rgb)
+    padding = _straight_regions(exact, min_fraction) | _straight_regions(
+        near_padding(rgb), min_fraction, exact
     )
     if not padding.any():
         return ~ink if ink.any() else None
     return ~padding & ~ink
 
 
-def _straight_regions(candidates: np.ndarray, min_fraction: float) -> np.ndarray:
+def _straight_regions(
+    candidates: np.ndarray, min_fraction: float, exact: np.ndarray | None = None
+) -> np.ndarray:
     """(y, x) bool: the 8-connected regions of ``candidates`` of at least ``min_fraction`` of
-    the image whose outline, specks filled, is straight (:data:`PADDING_STRAIGHT`)."""
+    the image whose outline, specks filled, is straight (:data:`PADDING_STRAIGHT`) and, with
+    ``exact``, at least half of whose pixels are in it: compression leaves most of a padded
+    region exactly white or black (92 % at JPEG quality 95), while glass brighter than 243
+    reaching the image's edge can have an outline as straight (the frame's)."""
     least = min_fraction * candidates.size
     if candidates.sum() < least:
         return np.zeros(candidates.shape, bool)
@@ -69,6 +75,9 @@ def _straight_regions(candidates: np.ndarray, min_fraction: float) -> np.ndarray
         candidates.astype(np.uint8), connectivity=8
     )
     large = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= least) + 1
+    if exact is not None:
+        held = ndi.sum(exact, labels, index=large) / stats[large, cv2.CC_STAT_AREA]
+        large = large[held >= 0.5]
     regions = [k for k in large if straight_share(_fill_specks(labels == k)) >= PADDING_STRAIGHT]
     return np.isin(labels, regions)
 
@@ -331,15 +340,19 @@ def stained(intensity: np.ndarray, mask: np.ndarray, min_stain: float) -> np.nda
     return mask & (cv2.GaussianBlur(intensity, (0, 0), 1.0) > min_stain)
 
 
-def fill_ink(intensity: np.ndarray, ink: np.ndarray, sigma: float = 8.0) -> np.ndarray:
+def fill_ink(
+    intensity: np.ndarray, ink: np.ndarray, sigma: float = 8.0, widen: int = 2
+) -> np.ndarray:
     """``intensity`` (y, x) float32 with the marker-ink pixels ``ink`` ((y, x) bool, widened
-    by 2 px: a stroke's soft rim) replaced by the intensity around them (its Gaussian-weighted
-    mean over the pixels without ink, ``sigma`` px; the mean of all of them where none is
-    near). A stroke on one image only would otherwise pull the optical flow along its edges.
-    Returns a new array; ``intensity`` is left alone."""
+    by ``widen`` px: a stroke's soft rim, and the blocky edge of a mask found at a coarser
+    level) replaced by the intensity around them (its Gaussian-weighted mean over the pixels
+    without ink, ``sigma`` px; the mean of all of them where none is near). A stroke on one
+    image only would otherwise pull the optical flow along its edges. ``intensity`` is left
+    alone (returned as is when there is no ink)."""
     if not ink.any():
         return intensity
-    wide = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    side = 2 * widen + 1
+    wide = cv2.dilate(ink.astype(np.uint8), np.ones((side, side), np.uint8)) > 0
     if wide.all():
         return intensity.copy()
     keep = (~wide).astype(np.float32)
