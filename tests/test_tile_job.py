@@ -71,6 +71,17 @@ def test_first_level_job_is_the_affine_alone() -> None:
     assert (m[0, 0, 0], m[1, 0, 0]) == (205.0, 93.0)  # (x, y) = (200 + 5, 100 - 7)
 
 
+def _shifted_tissue(size: int, shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(target, source): (size, size, 3) uint8 RGB synthetic H&E tissue everywhere, with
+    target(p) = source(p + shift) for (y, x) pixels p and ``shift`` (dy, dx) px."""
+    density = density_tile(1000, 1000, size + 64, size + 64, seed=5)
+    density[density == 0] = 60  # all tissue
+    source = colorize(density, "he")
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    target = cv2.remap(source, xs + 32 + shift[1], ys + 32 + shift[0], cv2.INTER_CUBIC)
+    return target, np.ascontiguousarray(source[32 : 32 + size, 32 : 32 + size])
+
+
 def test_fine_texture_tile_with_a_known_shift_is_accepted(tmp_path: Path) -> None:
     """On finely textured tissue a tile misaligned by a few px gains correlation from its flow
     and is accepted. The gain check resamples the source once through the composed map; the
@@ -78,12 +89,7 @@ def test_fine_texture_tile_with_a_known_shift_is_accepted(tmp_path: Path) -> Non
     than the alignment gained, so such tiles were rejected as "no gain" (measured here:
     0.951 before, 0.950 after double resampling, 0.999 after single)."""
     size, shift = 512, (2.6, -3.3)  # (dy, dx) px: target(p) = source(p + shift)
-    density = density_tile(1000, 1000, size + 64, size + 64, seed=5)
-    density[density == 0] = 60  # all tissue
-    source = colorize(density, "he")
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    target = cv2.remap(source, xs + 32 + shift[1], ys + 32 + shift[0], cv2.INTER_CUBIC)
-    source = np.ascontiguousarray(source[32 : 32 + size, 32 : 32 + size])
+    target, source = _shifted_tissue(size, shift)
     cv2.imwrite(str(tmp_path / "t.png"), cv2.cvtColor(target, cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(tmp_path / "s.png"), cv2.cvtColor(source, cv2.COLOR_RGB2BGR))
     stats = intensity_stats(optical_density(target))
@@ -109,12 +115,7 @@ def test_a_marker_stroke_on_the_source_does_not_pull_the_tile_flow(tmp_path: Pat
     elsewhere). The ink found at the rigid level (here at half resolution, as a
     :class:`PackedMask`) is now filled with the intensity around it first: 1.8 px (3.4 px)."""
     size, shift = 512, (2.6, -3.3)  # (dy, dx) px: target(p) = source(p + shift)
-    density = density_tile(1000, 1000, size + 64, size + 64, seed=5)
-    density[density == 0] = 60  # all tissue
-    source = colorize(density, "he")
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    target = cv2.remap(source, xs + 32 + shift[1], ys + 32 + shift[0], cv2.INTER_CUBIC)
-    source = np.ascontiguousarray(source[32 : 32 + size, 32 : 32 + size])
+    target, source = _shifted_tissue(size, shift)
     layer = np.full_like(source, 255)
     t = np.linspace(0, 1, 100)
     line = np.c_[(0.1 + 0.8 * t) * size, (0.3 + 0.4 * t) * size + 40 * np.sin(5 * t)]
