@@ -39,15 +39,15 @@ def data_region(
 
     Padding is an exactly white or black region (see :func:`scanned`), or a nearly white or
     black one (see :func:`near_padding`: JPEG compression leaves padding only nearly so; the
-    two are judged apart, as near values can join exact padding to bright glass), of at least
-    ``min_fraction`` of the image (8-connected) whose outline,
-    once the specks JPEG ringing punches into it are filled, runs straight (at least
-    :data:`PADDING_STRAIGHT` of it on segments of 20 px or more), such as the corners of a
-    rotated crop. Glass clipped to exact white by an export is not padding: its outline
-    follows the tissue, and it must be compared, or the tissue's outline no longer guides the
-    fit. (On the bundled slides clipped at 225 only one straight-edged lumen of one image,
-    0.5 % of it, counts as padding; its coarse fit moved by 0.1 px.) Lone saturated pixels of
-    a JPEG scan's glass are not padding either.
+    two are judged apart, as near values can join exact padding to bright glass, and a near
+    region must be at least half exact), of at least ``min_fraction`` of the image
+    (8-connected) whose outline, once the specks JPEG ringing punches into it are filled,
+    runs straight (at least :data:`PADDING_STRAIGHT` of it on segments of 20 px or more),
+    such as the corners of a rotated crop. Glass clipped to exact white by an export is not
+    padding: its outline follows the tissue, and it must be compared, or the tissue's outline
+    no longer guides the fit. (On the bundled slides clipped at 225 only one straight-edged
+    lumen of one image, 0.5 % of it, counts as padding; its coarse fit moved by 0.1 px.)
+    Lone saturated pixels of a JPEG scan's glass are not padding either.
     """
     ink = ink_mask(rgb) if ink is None else ink
     # exact padding next to bright glass merges with it once near values count: both are tried
@@ -105,7 +105,7 @@ def near_padding(rgb: np.ndarray) -> np.ndarray:
     white or of black in every channel: padding, once JPEG compression has blurred it (at
     quality 95 ringing leaves 8 % of a white corner's pixels short of 255, and the region full
     of holes), and also bright glass and the darkest ink. :func:`data_region` keeps only the
-    regions with a straight outline."""
+    regions with a straight outline, at least half of them exactly white or black."""
     img = _channels(rgb)
     white = white_level(img.dtype)
     tol = PADDING_TOLERANCE * white / 255.0
